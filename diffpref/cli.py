@@ -1,0 +1,164 @@
+"""The ``diffpref`` command line. Each subcommand is a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from diffpref import __version__
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from diffpref.models.loading import default_device, xformers_available
+    from diffpref.paths import embedded_clip_path, embedded_model_path
+
+    info = {
+        "version": __version__,
+        "embedded_model": str(embedded_model_path()),
+        "embedded_model_present": embedded_model_path().joinpath("model_index.json").exists(),
+        "embedded_clip": str(embedded_clip_path()),
+        "embedded_clip_present": embedded_clip_path().joinpath("open_clip_config.json").exists(),
+        "device": default_device(),
+        "attention": "xformers" if xformers_available() else "sdpa",
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:24s} {value}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from diffpref.generate import EMBEDDED_STEPS, generate_to_folder, plan_jobs, read_prompts
+    from diffpref.models.loading import load_pipeline
+
+    prompts = read_prompts(args.prompts)
+    pipe = load_pipeline(args.model, device=args.device, attention=args.attention)
+    steps = args.steps or (EMBEDDED_STEPS if args.model == "embedded" else 50)
+    summary = generate_to_folder(
+        pipe, plan_jobs(prompts, args.num_images, args.seed), args.out, batch_size=args.batch_size, steps=steps,
+        guidance_scale=args.guidance_scale, model_name=args.model,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+def cmd_data_inspect(args) -> int:
+    from diffpref.data.inspect import inspect_preferences
+
+    report = inspect_preferences(args.file, tie_policy=args.tie_policy, strict=args.strict)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{args.file}: {report['pairs']} usable pairs from {report['users']} users, {report['ties']} ties")
+        for reason, count in sorted(report["skipped"].items()):
+            print(f"  skipped {count:6d}  {reason}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- world
+def cmd_world_make_data(args) -> int:
+    import numpy as np
+
+    from diffpref.world.make_data import make_preference_data
+    from diffpref.world.users import load_users, random_users
+
+    if (args.users is None) == (args.users_file is None):
+        raise SystemExit("give exactly one of --users N (random users) or --users-file FILE")
+    users = load_users(args.users_file) if args.users_file else random_users(args.users, np.random.default_rng(args.seed))
+    summary = make_preference_data(
+        args.out, users, pairs_per_user=args.pairs_per_user, seed=args.seed, model=args.model,
+        temperature=args.temperature, batch_size=args.batch_size,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_world_eval(args) -> int:
+    from diffpref.world.evaluate import evaluate_adherence
+
+    result = evaluate_adherence(args.model, num_prompts=args.prompts, seed=args.seed, steps=args.steps,
+                                guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    if args.json:
+        _print_json(result)
+    else:
+        for key, value in result.items():
+            print(f"{key:16s} {value}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffpref", description="Personalize text-to-image diffusion models from preferences.")
+    parser.add_argument("--version", action="version", version=f"diffpref {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="version, shipped model paths, device and attention backend")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate images for a prompt file into a folder (resumable)")
+    p.add_argument("--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl ({\"prompt\": ...})")
+    p.add_argument("--out", required=True, help="output folder; images plus metadata.jsonl")
+    p.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a hub id")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed .. seed+N-1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25 embedded, 50 otherwise)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    p.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="preference data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="count usable pairs, users, ties and skipped rows of a data file")
+    p.add_argument("file", help="Pick-a-Pic parquet (file, folder or glob) or JSONL manifest")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tie-policy", default="drop", choices=["drop", "soft"])
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of counting skips")
+    p.set_defaults(func=cmd_data_inspect)
+
+    world = sub.add_parser("world", help="the synthetic preference world").add_subparsers(dest="world_command", required=True)
+    p = world.add_parser("make-data", help="Pick-a-Pic-schema preference data labelled by simulated users")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=None, help="number of random users")
+    p.add_argument("--users-file", default=None, help="JSON list of users with weights")
+    p.add_argument("--pairs-per-user", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--temperature", type=float, default=0.1, help="Bradley-Terry temperature of the simulated choices")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_world_make_data)
+
+    p = world.add_parser("eval", help="prompt adherence of a model on world captions")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--prompts", type=int, default=240, help="number of generations (>= 200 for the reported numbers)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=60)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_world_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"diffpref: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""One loader for every model diffpref runs: the embedded default, a local folder, or a hub id.
+
+``load_pipeline("embedded")`` never touches the network. A local folder is read offline too. A
+hub id (``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``) is passed
+to diffusers as is, so it downloads where the user has network and fails with diffusers' own
+message where they do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from diffpref.paths import EMBEDDED_NAMES, embedded_model_path, require
+
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model(model: str | os.PathLike | None) -> str:
+    """'embedded' (or None) -> the shipped folder; an existing path -> itself; anything else -> a hub id."""
+    if model is None or str(model) in EMBEDDED_NAMES:
+        return str(require(embedded_model_path(), "the embedded world model"))
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"{path} has no model_index.json, so it is not a diffusers pipeline folder. "
+                "Point --model at the folder that `pipe.save_pretrained(...)` wrote (or a hub id)."
+            )
+        return str(path)
+    if str(model).startswith((".", "/", "~")) or os.sep in str(model).strip("/").split("/", 2)[-1]:
+        raise FileNotFoundError(f"model folder {model} does not exist")
+    return str(model)
+
+
+def pipeline_class_name(model: str) -> str | None:
+    index = Path(model) / "model_index.json"
+    if index.exists():
+        return json.loads(index.read_text()).get("_class_name")
+    return None
+
+
+def xformers_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={attention!r}; valid choices are {ATTENTION_BACKENDS}")
+    if attention == "xformers" and not xformers_available():
+        raise RuntimeError(
+            "attention='xformers' needs a CUDA GPU and the xformers package (pip install 'diffpref[gpu]'); "
+            "use attention='sdpa' (PyTorch's memory-efficient attention, the default) here."
+        )
+    return attention
+
+
+def load_pipeline(model: str | os.PathLike | None = "embedded", device: str | None = None,
+                  dtype: torch.dtype | None = None, attention: str = "sdpa"):
+    """A diffusers text-to-image pipeline (SD1.5- or SDXL-style, picked from model_index.json) ready to run."""
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    source = resolve_model(model)
+    device = device or default_device()
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    kwargs = {"torch_dtype": dtype}
+    if pipeline_class_name(source) in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        # Local SD folders: drop the safety checker (the world model has none; real ones are the user's choice).
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    else:
+        pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+    pipe = pipe.to(device)
+    if check_attention(attention) == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def native_resolution(pipe) -> int:
+    """The image size the pipeline was trained at (64 for the embedded model, 512 SD1.5, 1024 SDXL)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
