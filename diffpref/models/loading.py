@@ -76,7 +76,7 @@ def load_pipeline(model: str | os.PathLike | None = "embedded", device: str | No
     source = resolve_model(model)
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if pipeline_class_name(source) in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         # Local SD folders: drop the safety checker (the world model has none; real ones are the user's choice).
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
