@@ -77,7 +77,8 @@ def cmd_world_make_data(args) -> int:
     users = load_users(args.users_file) if args.users_file else random_users(args.users, np.random.default_rng(args.seed))
     summary = make_preference_data(
         args.out, users, pairs_per_user=args.pairs_per_user, seed=args.seed, model=args.model,
-        temperature=args.temperature, batch_size=args.batch_size,
+        temperature=args.temperature, batch_size=args.batch_size, steps=args.steps,
+        guidance_scale=args.guidance_scale,
     )
     print(json.dumps(summary))
     return 0
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="embedded")
     p.add_argument("--temperature", type=float, default=0.1, help="Bradley-Terry temperature of the simulated choices")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=25, help="sampling steps of each generation")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
     p.set_defaults(func=cmd_world_make_data)
 
     p = world.add_parser("eval", help="prompt adherence of a model on world captions")
