@@ -1,0 +1,1 @@
+"""Preference training: conditioning, the latent/prompt cache, and the trainers built on them."""

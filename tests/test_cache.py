@@ -1,0 +1,252 @@
+"""The latent/prompt cache: exact encodings, SDXL conditioning, keys, reuse, atomic builds, rating caches."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import diffpref.training.cache as cache_module
+from diffpref.data import DataError
+from diffpref.models.builders import tiny_sd15_pipeline, tiny_sdxl_pipeline
+from diffpref.training.cache import PreferenceCache, build_preference_cache, build_rating_cache
+from diffpref.training.conditioning import added_cond_kwargs, encode_images, encode_prompts, resize_center_crop
+
+RES = 32  # native resolution of the tiny pipelines: UNet sample size 16 x VAE factor 2
+# Cached latents and embeddings are stored in fp16.
+FP16_TOL = dict(atol=2e-3, rtol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_sd15_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_sdxl_pipeline(seed=0)
+
+
+def noise_image(seed: int, size: tuple[int, int] = (RES, RES)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# Prompts repeat (row % 3) so unique prompts are encoded once; row 2 is a tie.
+LABELS = [1.0, 0.0, 0.5, 1.0, 0.0, 0.7]
+
+
+def write_parquet(path: Path, labels: list[float] = LABELS) -> Path:
+    """A tiny Pick-a-Pic file: the columns the reader uses, noise images, three users and prompts."""
+    rows = range(len(labels))
+    table = pa.table({
+        "caption": [f"a red star number {r % 3}" for r in rows],
+        "jpg_0": [png(noise_image(2 * r)) for r in rows],
+        "jpg_1": [png(noise_image(2 * r + 1)) for r in rows],
+        "label_0": [float(x) for x in labels],
+        "label_1": [1.0 - x for x in labels],
+        "user_id": [10 + r % 2 for r in rows],
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def write_manifest(directory: Path, size: tuple[int, int] = (48, 40)) -> Path:
+    """A JSONL pair manifest with non-square images beside it."""
+    lines = []
+    for r in range(4):
+        for side in (0, 1):
+            Image.fromarray(noise_image(100 + 2 * r + side, size)).save(directory / f"{r}_{side}.png")
+        lines.append({"prompt": f"blue circle {r % 2}", "image_0": f"{r}_0.png", "image_1": f"{r}_1.png",
+                      "label": float(r % 2), "user_id": f"u{r % 2}"})
+    manifest = directory / "pairs.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def direct_latents(vae, array: np.ndarray) -> torch.Tensor:
+    pixels = torch.tensor(array).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    with torch.no_grad():
+        return vae.encode(pixels).latent_dist.mean[0] * vae.config.scaling_factor
+
+
+def test_sd15_cache_matches_direct_encoding(sd15, tmp_path: Path, monkeypatch) -> None:
+    data = write_parquet(tmp_path / "pairs.parquet")
+    monkeypatch.setattr(cache_module, "ROWS_PER_SHARD", 2)  # items are read across several shards
+    cache = build_preference_cache(sd15, data, tmp_path / "cache", batch_size=2, progress=False)
+
+    kept = [r for r, label in enumerate(LABELS) if label != 0.5]  # tie_policy="drop"
+    assert len(cache) == len(kept) and cache.skipped == {"tie": 1}
+    assert cache.meta["shards"] == {"rows": [2, 2, 1], "prompts": [2, 1]}
+    assert cache.resolution == RES and cache.users == ["10", "11"]
+    assert cache.prompts == ["a red star number 0", "a red star number 1", "a red star number 2"]
+    with torch.no_grad():
+        expected_embeds = sd15.encode_prompt(cache.prompts, "cpu", 1, False)[0]
+    for i, row in enumerate(kept):
+        item = cache[i]
+        assert set(item) == {"latents_0", "latents_1", "label", "user_index", "prompt_index", "prompt_embeds"}
+        assert item["latents_0"].dtype == torch.float32 and item["latents_0"].shape == (4, 16, 16)
+        torch.testing.assert_close(item["latents_0"], direct_latents(sd15.vae, noise_image(2 * row)), **FP16_TOL)
+        torch.testing.assert_close(item["latents_1"], direct_latents(sd15.vae, noise_image(2 * row + 1)), **FP16_TOL)
+        assert item["label"].item() == pytest.approx(LABELS[row])
+        assert cache.users[item["user_index"]] == str(10 + row % 2)
+        assert cache.prompts[item["prompt_index"]] == f"a red star number {row % 3}"
+        torch.testing.assert_close(item["prompt_embeds"], expected_embeds[row % 3], **FP16_TOL)
+    with torch.no_grad():
+        empty = sd15.encode_prompt([""], "cpu", 1, False)[0]
+    torch.testing.assert_close(cache.empty_prompt_cond["prompt_embeds"], empty)  # stored in float32
+
+    # A DataLoader batch drives the UNet directly; SD1.5 needs no added conditioning.
+    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=3)))
+    assert added_cond_kwargs(sd15.unet, batch, RES, 3) is None
+    with torch.no_grad():
+        out = sd15.unet(batch["latents_0"], torch.tensor([10, 20, 30]), encoder_hidden_states=batch["prompt_embeds"])
+    assert out.sample.shape == (3, 4, 16, 16)
+
+
+def test_sdxl_cache_pooled_embeds_and_time_ids(sdxl, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path)
+    cache = build_preference_cache(sdxl, manifest, tmp_path / "cache", batch_size=3, progress=False)
+    assert len(cache) == 4 and cache.is_sdxl and cache.users == ["u0", "u1"]
+
+    item = cache[1]
+    assert set(item) >= {"prompt_embeds", "pooled_prompt_embeds"}
+    cond = encode_prompts(sdxl, cache.prompts)
+    with torch.no_grad():
+        embeds, _, pooled, _ = sdxl.encode_prompt(cache.prompts, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(cond["prompt_embeds"], embeds)
+    assert embeds.shape[-1] == 16 + 16  # both encoders' penultimate states, concatenated
+    torch.testing.assert_close(item["prompt_embeds"], embeds[1], **FP16_TOL)
+    torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[1], **FP16_TOL)
+
+    # Non-square 48x40 images are resized (shorter side to 32) and centre-cropped.
+    image = Image.open(tmp_path / "1_0.png")
+    cropped = np.asarray(resize_center_crop(image, RES))
+    assert cropped.shape == (RES, RES, 3)
+    torch.testing.assert_close(item["latents_0"], direct_latents(sdxl.vae, cropped), **FP16_TOL)
+    torch.testing.assert_close(item["latents_0"], encode_images(sdxl.vae, [image], RES)[0], **FP16_TOL)
+
+    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=2)))
+    added = added_cond_kwargs(sdxl.unet, batch, RES, 2)
+    assert added["time_ids"].shape == (2, 6) and added["time_ids"][0].tolist() == [RES, RES, 0, 0, RES, RES]
+    with torch.no_grad():
+        out = sdxl.unet(batch["latents_1"], torch.tensor([5, 50]), encoder_hidden_states=batch["prompt_embeds"],
+                        added_cond_kwargs=added)
+    assert out.sample.shape == (2, 4, 16, 16)
+    # The empty prompt's single pooled row is broadcast to the batch.
+    assert added_cond_kwargs(sdxl.unet, cache.empty_prompt_cond, RES, 2)["text_embeds"].shape == (2, 16)
+
+
+def test_key_changes_with_data_and_model_and_reuses_otherwise(sd15, tmp_path: Path, monkeypatch) -> None:
+    data = write_parquet(tmp_path / "pairs.parquet")
+    root = tmp_path / "cache"
+    first = build_preference_cache(sd15, data, root, progress=False)
+    meta_mtime = (first.path / "meta.json").stat().st_mtime_ns
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a finished cache must be reused without encoding")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module, "encode_images", no_encoding)
+        patch.setattr(cache_module, "encode_prompts", no_encoding)
+        again = build_preference_cache(sd15, data, root, progress=False)
+    assert again.path == first.path and (again.path / "meta.json").stat().st_mtime_ns == meta_mtime
+
+    assert build_preference_cache(sd15, data, root, tie_policy="soft", progress=False).key != first.key
+
+    write_parquet(data, labels=[0.0] + LABELS[1:])  # same rows, one label flipped
+    changed_data = build_preference_cache(sd15, data, root, progress=False)
+    assert changed_data.key != first.key and changed_data[0]["label"].item() == 0.0
+
+    bias = sd15.vae.decoder.conv_out.bias  # any VAE weight, even one encoding never reads
+    original = bias.detach().clone()
+    with torch.no_grad():
+        bias[0] += 1.0
+    try:
+        assert build_preference_cache(sd15, data, root, progress=False).key != changed_data.key
+    finally:
+        with torch.no_grad():
+            bias.copy_(original)
+    assert build_preference_cache(sd15, data, root, progress=False).key == changed_data.key
+
+
+def test_manifest_image_change_changes_key(sd15, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path)
+    key = build_preference_cache(sd15, manifest, tmp_path / "cache", progress=False).key
+    Image.fromarray(noise_image(999, (48, 40))).save(tmp_path / "2_1.png")
+    os.utime(tmp_path / "2_1.png", ns=(1, 1))  # a different mtime even on coarse-clock filesystems
+    assert build_preference_cache(sd15, manifest, tmp_path / "cache", progress=False).key != key
+
+
+def test_interrupted_build_leaves_no_cache_and_rerun_succeeds(sd15, tmp_path: Path, monkeypatch) -> None:
+    data = write_parquet(tmp_path / "pairs.parquet")
+    root = tmp_path / "cache"
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-build")
+        return encode_images(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module, "ROWS_PER_SHARD", 2)  # a shard is on disk before the failure
+        patch.setattr(cache_module, "encode_images", failing)
+        with pytest.raises(RuntimeError, match="killed mid-build"):
+            build_preference_cache(sd15, data, root, batch_size=2, progress=False)
+    assert list(root.iterdir()) == []  # neither a finished cache nor a half-built one
+
+    cache = build_preference_cache(sd15, data, root, batch_size=2, progress=False)
+    assert len(cache) == 5 and [p.name for p in root.iterdir()] == [cache.key]
+    # A directory without meta.json is never opened as a cache.
+    (root / "partial").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a finished cache"):
+        PreferenceCache(root / "partial")
+
+
+def test_rating_cache_from_pairs_and_from_jsonl(sd15, tmp_path: Path) -> None:
+    data = write_parquet(tmp_path / "pairs.parquet")
+    root = tmp_path / "cache"
+    pairs = build_preference_cache(sd15, data, root, progress=False)
+    ratings = build_rating_cache(sd15, data, root, from_pairs=True, progress=False)
+    assert len(ratings) == 2 * len(pairs) and ratings.key != pairs.key
+    for i in range(len(pairs)):
+        pair, liked, disliked = pairs[i], ratings[2 * i], ratings[2 * i + 1]
+        assert liked["liked"].item() == 1.0 and disliked["liked"].item() == 0.0
+        winner, loser = ("latents_0", "latents_1") if pair["label"] >= 0.5 else ("latents_1", "latents_0")
+        torch.testing.assert_close(liked["latents"], pair[winner])
+        torch.testing.assert_close(disliked["latents"], pair[loser])
+        torch.testing.assert_close(liked["prompt_embeds"], pair["prompt_embeds"])
+        assert liked["user_index"] == pair["user_index"]
+
+    Image.fromarray(noise_image(7)).save(tmp_path / "a.png")
+    lines = [{"prompt": "a cat", "image": "a.png", "liked": True, "user_id": "x"},
+             {"prompt": "a cat", "image": "a.png", "liked": False, "user_id": "y"},
+             {"prompt": "a cat", "image": "missing.png", "liked": True}]
+    manifest = tmp_path / "ratings.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from_jsonl = build_rating_cache(sd15, manifest, root, progress=False)
+    assert len(from_jsonl) == 2 and from_jsonl.users == ["x", "y"] and from_jsonl.skipped == {"missing_file": 1}
+    torch.testing.assert_close(from_jsonl[1]["latents"], direct_latents(sd15.vae, noise_image(7)), **FP16_TOL)
+    with pytest.raises(ValueError, match="from_pairs=True"):
+        build_rating_cache(sd15, data, root, progress=False)
+
+
+def test_no_usable_pairs_is_a_clear_error(sd15, tmp_path: Path) -> None:
+    data = write_parquet(tmp_path / "ties.parquet", labels=[0.5, 0.5])
+    with pytest.raises(DataError, match=r"ties\.parquet: no usable pairs.*'tie': 2"):
+        build_preference_cache(sd15, data, tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
