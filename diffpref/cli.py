@@ -85,15 +85,36 @@ def cmd_world_make_data(args) -> int:
 
 
 def cmd_world_eval(args) -> int:
-    from diffpref.world.evaluate import evaluate_adherence
+    if args.adapter or args.users:
+        from diffpref.world.preference_eval import evaluate_preference
 
-    result = evaluate_adherence(args.model, num_prompts=args.prompts, seed=args.seed, steps=args.steps,
-                                guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+        if not args.users:
+            raise ValueError("--adapter needs --users FILE: the simulated users whose oracle judges the images")
+        result = evaluate_preference(args.model, adapter=args.adapter, users=args.users,
+                                     num_prompts=args.prompts if args.prompts is not None else 200, seed=args.seed,
+                                     steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    else:
+        from diffpref.world.evaluate import evaluate_adherence
+
+        result = evaluate_adherence(args.model, num_prompts=args.prompts if args.prompts is not None else 240,
+                                    seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                                    batch_size=args.batch_size)
     if args.json:
         _print_json(result)
     else:
         for key, value in result.items():
             print(f"{key:16s} {value}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from diffpref.config import load_config
+    from diffpref.training.config import TrainConfig
+    from diffpref.training.trainer import train
+
+    summary = train(load_config(TrainConfig, args.config, args.overrides))
+    print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     return 0
 
 
@@ -120,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="preference fine-tuning (same code as `accelerate launch train/train.py`)")
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_train_steps=50")
+    p.set_defaults(func=cmd_train)
+
     data = sub.add_parser("data", help="preference data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="count usable pairs, users, ties and skipped rows of a data file")
     p.add_argument("file", help="Pick-a-Pic parquet (file, folder or glob) or JSONL manifest")
@@ -144,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = world.add_parser("eval", help="prompt adherence of a model on world captions")
     p.add_argument("--model", default="embedded")
-    p.add_argument("--prompts", type=int, default=240, help="number of generations (>= 200 for the reported numbers)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="number of generations (default 240 for adherence, 200 prompt x seed pairs with --adapter)")
+    p.add_argument("--adapter", default=None, help="a trained LoRA folder or UNet folder to compare against the base")
+    p.add_argument("--users", default=None, help="JSON list of world users whose oracle rewards judge tuned vs base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=None)

@@ -1,0 +1,95 @@
+"""The one config every preference trainer reads (YAML + ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHODS = ("dpo", "inpo", "kto", "mapo", "sft")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+NAN_POLICIES = ("stop", "skip")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+# Per-method beta defaults in the -beta/2 form of diffusion_dpo_loss (papers' settings for SD1.5).
+DEFAULT_BETA = {"dpo": 5000.0, "inpo": 2000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0}
+
+
+def _choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+
+
+@dataclass
+class TrainConfig:
+    method: str = field(default="dpo", metadata={"help": f"objective: one of {', '.join(METHODS)}"})
+    model: str = field(default="embedded", metadata={"help": "'embedded', a local diffusers folder, or a hub id"})
+    data_path: str = field(default="", metadata={"help": "Pick-a-Pic parquet (file/folder/glob) or JSONL manifest"})
+    output_dir: str = field(default="outputs/train", metadata={"help": "checkpoints, logs and the final LoRA/UNet"})
+    max_train_steps: int = field(default=200, metadata={"help": "optimizer steps (micro-steps / accumulation)"})
+    beta: float | None = field(default=None, metadata={"help": "preference strength; default per method (DPO 5000 in the -beta/2 form)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    train_batch_size: int = field(default=4, metadata={"help": "pairs per process per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank; 0 = full fine-tune with a frozen reference copy"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)"})
+    lora_target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "comma-separated UNet modules that get LoRA"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (GPU); LoRA params stay fp32"})
+    attention: str = field(default="sdpa", metadata={"help": "sdpa (default) | xformers (CUDA + xformers only)"})
+    resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder, or 'latest' in output_dir"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, noise and timesteps"})
+    tie_policy: str = field(default="drop", metadata={"help": "drop | soft: what ties in the data become"})
+    resolution: int | None = field(default=None, metadata={"help": "training resolution (default: the model's native one)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "latent/text-embedding cache root (default: output_dir/../.cache)"})
+    prompt_dropout: float = field(default=0.1, metadata={"help": "fraction of prompts replaced by '' (keeps guidance working)"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "constant | cosine | linear (after warm-up)"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimizer steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adamw8bit (bitsandbytes, GPU)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward"})
+    inversion_steps: int = field(default=10, metadata={"help": "InPO: DDIM inversion steps from x0 to t"})
+    inversion_eta: float = field(default=0.0, metadata={"help": "InPO: stochasticity of the inversion (0 = DDIM)"})
+    kto_desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of liked images"})
+    kto_undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of disliked images"})
+    nan_policy: str = field(default="stop", metadata={"help": "stop | skip: what a non-finite loss does"})
+    checkpointing_steps: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: only at the end)"})
+    checkpoints_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (oldest deleted)"})
+    eval_every: int = field(default=0, metadata={"help": "optimizer steps between oracle evaluations on world data (0: end only)"})
+    eval_prompts: int = field(default=200, metadata={"help": "prompt x seed pairs per evaluation"})
+    eval_sampling_steps: int = field(default=20, metadata={"help": "sampling steps of evaluation generations"})
+    eval_users: str | None = field(default=None, metadata={"help": "users JSON for evaluation (default: users.json beside world data)"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | none"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+
+    def __post_init__(self):
+        _choice("method", self.method, METHODS)
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("attention", self.attention, ("sdpa", "xformers"))
+        _choice("tie_policy", self.tie_policy, ("drop", "soft"))
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune)")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout={self.prompt_dropout} must lie in [0, 1)")
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.method]
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        if not self.data_path:
+            raise ValueError("data_path is empty: point it at a Pick-a-Pic parquet or a JSONL manifest "
+                             "(for the embedded world: `diffpref world make-data --out data/world ...`)")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.method in ("dpo", "inpo", "kto")
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_rank > 0
