@@ -1,0 +1,180 @@
+"""The user encoder: a user's preference examples -> K tokens for the UNet's extra cross-attention.
+
+A frozen backbone (``backbones.py``) turns the examples into features; ``UserEncoder`` is the
+trainable head, a small set transformer (Lee et al. 2019): per-example MLP, self-attention blocks
+without positions, then pooling by multi-head attention onto K learned seed queries (PMA). With no
+positions anywhere the tokens do not depend on the order of the examples, and a padding mask lets
+one batch hold users with different numbers of examples.
+
+Around it: ``embed_user`` (cached per set of examples, order-independent), ``mix_embeddings``
+(interpolating between users) and ``save_user_embedding`` / ``load_user_embedding``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from PIL import Image
+from torch import nn
+
+from diffpref.personalize.backbones import UserBackbone, UserExample
+
+__all__ = ["UserEncoder", "UserExample", "embed_user", "example_digest", "user_cache_key", "mix_embeddings",
+           "save_user_embedding", "load_user_embedding"]
+
+
+class UserEncoder(ModelMixin, ConfigMixin):
+    """Set transformer head: ``features [B, k, F]`` (+ mask) -> ``tokens [B, K, d]``.
+
+    ``token_dim`` is the UNet's ``cross_attention_dim``. The output ends in a LayerNorm so user
+    tokens sit at the scale of text-encoder states whatever the backbone's feature scale.
+    """
+
+    @register_to_config
+    def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
+                 layers: int = 2, heads: int = 4):
+        super().__init__()
+        if hidden % heads != 0:
+            raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
+        if num_tokens < 1 or layers < 0:
+            raise ValueError(f"num_tokens={num_tokens} must be >= 1 and layers={layers} >= 0")
+        # Backbone features can be large and unevenly scaled (LLM hidden states have outlier dims).
+        self.embed = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(),
+                                   nn.Linear(hidden, hidden))
+        self.blocks = nn.ModuleList([
+            nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=4 * hidden, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(layers)
+        ])
+        self.seeds = nn.Parameter(torch.randn(1, num_tokens, hidden) / math.sqrt(hidden))
+        self.pool_norm = nn.LayerNorm(hidden)
+        self.pool = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
+        self.pool_mlp = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
+                                      nn.Linear(4 * hidden, hidden))
+        self.proj_out = nn.Linear(hidden, token_dim)
+        self.norm_out = nn.LayerNorm(token_dim)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``."""
+        if features.ndim != 3 or features.shape[-1] != self.config.feature_dim:
+            raise ValueError(f"features must be [B, k, {self.config.feature_dim}], got {tuple(features.shape)}")
+        if mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        if mask.shape != features.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(features.shape[:2])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if not bool(mask.any(1).all()):  # this is a CPU-GPU sync point, but an empty user would give NaNs
+            empty = (~mask.any(1)).nonzero().flatten().tolist()
+            raise ValueError(f"every user needs at least one real example; rows {empty} are all padding")
+        padding = ~mask
+        h = self.embed(features.to(self.dtype))  # (B, k, hidden)
+        for block in self.blocks:
+            h = block(h, src_key_padding_mask=padding)
+        seeds = self.seeds.expand(h.shape[0], -1, -1)  # (B, K, hidden)
+        kv = self.pool_norm(h)
+        tokens = seeds + self.pool(seeds, kv, kv, key_padding_mask=padding, need_weights=False)[0]
+        tokens = tokens + self.pool_mlp(tokens)
+        return self.norm_out(self.proj_out(tokens))  # (B, K, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding a user, with a cache
+
+
+def _image_bytes(image: Image.Image | np.ndarray) -> bytes:
+    array = np.ascontiguousarray(np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image)
+    return f"{array.dtype.str}{array.shape}".encode() + array.tobytes()
+
+
+def example_digest(example: UserExample) -> str:
+    """sha256 of one example's prompt and pixels (a PIL image and its uint8 array hash alike)."""
+    h = hashlib.sha256()
+    for part in (example.prompt.encode("utf-8"), _image_bytes(example.preferred), _image_bytes(example.rejected)):
+        h.update(len(part).to_bytes(8, "little"))  # length prefixes keep the boundaries unambiguous
+        h.update(part)
+    return h.hexdigest()
+
+
+def user_cache_key(examples: Sequence[UserExample]) -> str:
+    """One key per multiset of examples: the per-example digests are sorted, so order does not matter."""
+    return hashlib.sha256("".join(sorted(example_digest(ex) for ex in examples)).encode()).hexdigest()
+
+
+@torch.no_grad()
+def embed_user(encoder: UserEncoder, backbone: UserBackbone, examples: Sequence[UserExample],
+               cache: dict | None = None) -> torch.Tensor:
+    """The user's tokens ``[K, d]`` from their examples.
+
+    ``cache`` maps ``user_cache_key(examples)`` to tokens; it belongs to one (encoder weights,
+    backbone) pair -- start a new dict after training the encoder further.
+    """
+    if len(examples) == 0:
+        raise ValueError("a user needs at least one example; got an empty list")
+    key = user_cache_key(examples) if cache is not None else None
+    if cache is not None and key in cache:
+        return cache[key]
+    features = backbone.embed_examples(list(examples))  # (k, F), or (1, F) for a set-summarising backbone
+    tokens = encoder(features.unsqueeze(0).to(encoder.device))[0].detach()
+    if cache is not None:
+        cache[key] = tokens
+    return tokens
+
+
+def mix_embeddings(users: Mapping[str, tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Weighted average of user tokens, ``{name: (tokens, weight)}``; weights are normalised to sum 1."""
+    if not users:
+        raise ValueError("mix_embeddings needs at least one user")
+    shapes = {name: tuple(tokens.shape) for name, (tokens, _) in users.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"user tokens differ in shape: {shapes}")
+    for name, (_, weight) in users.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of user {name!r} is {weight}; weights must be finite and >= 0")
+    total = sum(float(weight) for _, weight in users.values())
+    if total <= 0:
+        weights = {name: weight for name, (_, weight) in users.items()}
+        raise ValueError(f"all weights are zero ({weights}); give some user a positive weight")
+    mixed = None
+    for tokens, weight in users.values():
+        if weight == 0:
+            continue  # so that weights (1, 0) return the user exactly, even if the other holds inf/NaN
+        term = tokens * (float(weight) / total)
+        mixed = term if mixed is None else mixed + term
+    return mixed
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+_FORMAT = "diffpref-user-embedding"
+
+
+def save_user_embedding(path: str | Path, tokens: torch.Tensor, meta: dict | None = None) -> Path:
+    """Write ``tokens [K, d]`` as safetensors, with ``meta`` (JSON-serialisable) in the header."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": _FORMAT, "meta": json.dumps(meta or {})}
+    save_file({"tokens": tokens.detach().cpu().contiguous()}, str(path), metadata=header)
+    return path
+
+
+def load_user_embedding(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """``(tokens, meta)`` as written by ``save_user_embedding``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a user embedding file "
+                             f"(format={header.get('format')!r}, expected {_FORMAT!r})")
+        return f.get_tensor("tokens"), json.loads(header["meta"])
