@@ -1,0 +1,516 @@
+"""Decoupled user cross-attention (PPD, Dang et al. CVPR 2025; IP-Adapter's decoupled attention).
+
+Every chosen cross-attention layer of the UNet reads a user as K extra tokens u, through new
+projections of its own, with the same queries as the text:
+
+    out = to_out( softmax(Q K^T / sqrt(d)) V  +  user_scale * softmax(Q K'^T / sqrt(d)) V' )
+    K' = to_k_user(u),  V' = to_v_user(u)      (initialised as copies of the layer's to_k / to_v)
+
+How the user reaches the layers: the caller appends the user tokens to the text tokens,
+``encoder_hidden_states = [text_tokens, user_tokens]`` (see `concat_user_tokens`), and every
+cross-attention processor of the UNet knows that the last ``num_user_tokens`` positions are the
+user. Passing them inside ``encoder_hidden_states`` keeps the stock UNet/pipeline signatures and
+avoids ``cross_attention_kwargs``, which stock processors log as ignored on every forward.
+
+"No user" is the zero user: ``to_k_user``/``to_v_user`` have no bias, so zero tokens give V' = 0
+and the user term is exactly zero, whatever the scale (the same convention as IP-Adapter's zero
+image tokens for the negative prompt). ``user_scale = 0`` skips the user branch entirely, so the
+output is bit-identical to the text-only UNet.
+
+Caveat: once installed, the UNet ALWAYS treats the last ``num_user_tokens`` positions as the user.
+Calling it with plain text embeddings silently drops the last text tokens; always go through
+`concat_user_tokens` (with ``None`` for "no user").
+
+Another caveat (STYLE.md traps): ``pipe.enable_xformers_memory_efficient_attention()`` replaces
+every attention processor with a plain xformers one and silently drops the user branch. Call
+`guard_xformers_switch(pipe)` once after installing, and `assert_user_attention_intact(unet)`
+where it matters (before training, before saving).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("sdpa", "xformers")
+
+# Set on the UNet by `install_user_attention`: which processors were installed where.
+_INSTALL_ATTR = "_diffpref_user_attention"
+
+
+def _require_xformers():
+    """Return ``xformers.ops``, or raise a RuntimeError that names the sdpa alternative."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "xformers memory-efficient attention needs a CUDA GPU and none is available. Keep the default "
+            "'sdpa' backend (torch.nn.functional.scaled_dot_product_attention), which is memory-efficient on "
+            "PyTorch 2 as well: set_user_attention_backend(unet, 'sdpa')."
+        )
+    try:
+        import xformers.ops
+    except ImportError as error:
+        raise RuntimeError(
+            "xformers is not installed, so the user attention cannot switch to it. Keep the default 'sdpa' "
+            "backend (torch.nn.functional.scaled_dot_product_attention): set_user_attention_backend(unet, 'sdpa')."
+        ) from error
+    return xformers.ops
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def _split_user_tokens(encoder_hidden_states: torch.Tensor, num_user_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L + K, D] -> text [B, L, D], user [B, K, D]."""
+    total = encoder_hidden_states.shape[1]
+    if total <= num_user_tokens:
+        raise ValueError(
+            f"encoder_hidden_states has {total} tokens, but the user attention expects text tokens followed by "
+            f"{num_user_tokens} user tokens; build it with concat_user_tokens(text_embeds, user_tokens, {num_user_tokens})"
+        )
+    text_length = total - num_user_tokens
+    return encoder_hidden_states[:, :text_length], encoder_hidden_states[:, text_length:]
+
+
+def _split_mask(
+    attention_mask: torch.Tensor | None, text_length: int, num_user_tokens: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A cross-attention mask covers either the text only, or text + user tokens (the last dim)."""
+    if attention_mask is None:
+        return None, None
+    length = attention_mask.shape[-1]
+    if length == text_length:
+        return attention_mask, None
+    if length == text_length + num_user_tokens:
+        return attention_mask[..., :text_length], attention_mask[..., text_length:]
+    raise ValueError(
+        f"cross-attention mask covers {length} tokens; expected {text_length} (text only) or "
+        f"{text_length + num_user_tokens} (text + {num_user_tokens} user tokens)"
+    )
+
+
+class UserAttnProcessor(nn.Module):
+    """Cross-attention over text tokens plus a decoupled attention over K user tokens.
+
+    Follows diffusers' ``AttnProcessor2_0`` step by step, so with ``scale == 0`` (the user branch is
+    not computed at all) the output is bit-identical to it on the text tokens.
+    The user tokens are not passed through ``attn.norm_cross`` (as IP-Adapter's image tokens), but
+    the user keys do go through ``attn.norm_k`` when the layer has one: they meet the same queries.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        num_user_tokens: int,
+        scale: float = 1.0,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        if num_user_tokens < 1:
+            raise ValueError(f"num_user_tokens must be >= 1, got {num_user_tokens}")
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim
+        self.num_user_tokens = num_user_tokens
+        self.scale = float(scale)
+        self.to_k_user = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_user = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.backend = "sdpa"
+        self.attention_op: Callable | None = None
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str, attention_op: Callable | None = None) -> None:
+        """'sdpa' (default) or 'xformers' (needs CUDA and xformers; raises RuntimeError otherwise)."""
+        _check_backend(backend)
+        if backend == "xformers":
+            _require_xformers()
+        self.backend = backend
+        self.attention_op = attention_op
+
+    def extra_repr(self) -> str:
+        return f"num_user_tokens={self.num_user_tokens}, scale={self.scale}, backend={self.backend!r}"
+
+    def _attention(self, attn, query, key, value, mask):
+        # query/key/value: (batch, seq, heads, head_dim); mask: (batch * heads, 1 or q_len, k_len) or None
+        batch_size, query_length, heads, _ = query.shape
+        if mask is not None:
+            mask = mask.view(batch_size, heads, -1, mask.shape[-1])
+        if self.backend == "xformers":
+            xops = _require_xformers()
+            if mask is not None:
+                # xformers does not broadcast the query dimension of the bias
+                mask = mask.expand(-1, -1, query_length, -1)
+            # xformers takes (batch, seq, heads, head_dim) and returns the same layout
+            out = xops.memory_efficient_attention(query, key, value, attn_bias=mask, op=self.attention_op, scale=attn.scale)
+            return out.transpose(1, 2)
+        # sdpa takes (batch, heads, seq, head_dim); like AttnProcessor2_0 it uses the default 1/sqrt(d) scale
+        return F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, dropout_p=0.0, is_causal=False
+        )
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError("UserAttnProcessor is a cross-attention processor; it got no encoder_hidden_states")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        text_states, user_states = _split_user_tokens(encoder_hidden_states, self.num_user_tokens)
+        batch_size, text_length, _ = text_states.shape
+        text_mask, user_mask = _split_mask(attention_mask, text_length, self.num_user_tokens)
+        text_mask = attn.prepare_attention_mask(text_mask, text_length, batch_size)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            text_states = attn.norm_encoder_hidden_states(text_states)
+        key = attn.to_k(text_states)
+        value = attn.to_v(text_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        # (batch, seq, heads, head_dim)
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # (batch, heads, seq, head_dim)
+        hidden_states = self._attention(attn, query, key, value, text_mask)
+
+        # scale 0 means "no user": the branch is not computed, the output is the text-only one bit for bit
+        if self.scale != 0:
+            user_states = user_states.to(self.to_k_user.weight.dtype)
+            user_key = self.to_k_user(user_states).to(query.dtype).view(batch_size, -1, attn.heads, head_dim)
+            user_value = self.to_v_user(user_states).to(query.dtype).view(batch_size, -1, attn.heads, head_dim)
+            if attn.norm_k is not None:
+                user_key = attn.norm_k(user_key)
+            user_mask = attn.prepare_attention_mask(user_mask, self.num_user_tokens, batch_size)
+            user_hidden_states = self._attention(attn, query, user_key, user_value, user_mask)
+            hidden_states = hidden_states + self.scale * user_hidden_states
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # linear proj
+        hidden_states = attn.to_out[0](hidden_states)
+        # dropout
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+class TextOnlyAttnProcessor:
+    """Cross-attention for layers without user conditioning: drops the user tokens, then runs the stock
+    ``AttnProcessor2_0`` (or ``XFormersAttnProcessor`` on the 'xformers' backend) on the text tokens."""
+
+    def __init__(self, num_user_tokens: int, backend: str = "sdpa", attention_op: Callable | None = None):
+        if num_user_tokens < 1:
+            raise ValueError(f"num_user_tokens must be >= 1, got {num_user_tokens}")
+        self.num_user_tokens = num_user_tokens
+        self.set_backend(backend, attention_op)
+
+    def set_backend(self, backend: str, attention_op: Callable | None = None) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+        _check_backend(backend)
+        if backend == "xformers":
+            _require_xformers()
+            self.inner = XFormersAttnProcessor(attention_op=attention_op)
+        else:
+            self.inner = AttnProcessor2_0()
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"TextOnlyAttnProcessor(num_user_tokens={self.num_user_tokens}, backend={self.backend!r})"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError("TextOnlyAttnProcessor is a cross-attention processor; it got no encoder_hidden_states")
+        text_states, _ = _split_user_tokens(encoder_hidden_states, self.num_user_tokens)
+        attention_mask, _ = _split_mask(attention_mask, text_states.shape[1], self.num_user_tokens)
+        return self.inner(attn, hidden_states, text_states, attention_mask, temb, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Installation and access
+
+
+def _cross_attention_modules(unet) -> dict[str, nn.Module]:
+    """processor name (as in ``unet.attn_processors``) -> Attention module, for cross-attention layers only."""
+    from diffusers.models.attention_processor import Attention
+
+    return {
+        f"{name}.processor": module
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and module.is_cross_attention
+    }
+
+
+def _module_dict_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _chosen(name: str, blocks: str | Iterable[str]) -> bool:
+    if blocks == "all":
+        return True
+    return any(name == prefix or name.startswith(prefix.rstrip(".") + ".") for prefix in blocks)
+
+
+def install_user_attention(
+    unet, num_user_tokens: int, blocks: str | list[str] = "all", scale: float = 1.0
+) -> nn.ModuleDict:
+    """Give the cross-attention layers of ``unet`` a decoupled user branch; returns the new processors.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (SD1.5 / SDXL style).
+        num_user_tokens: K, the number of user tokens appended to the text tokens.
+        blocks: "all", or name prefixes of the layers that read the user (e.g. ``["up_blocks", "mid_block"]``);
+            the other cross-attention layers get a `TextOnlyAttnProcessor`. Self-attention keeps its processor.
+        scale: initial user scale.
+
+    Returns:
+        ``nn.ModuleDict`` of the `UserAttnProcessor` s, keyed by processor name with "." replaced by "__".
+        The processors are also registered inside the UNet (``unet.parameters()`` / ``unet.to()`` see
+        them), so freeze the base with ``unet.requires_grad_(False)`` BEFORE installing.
+    """
+    if hasattr(unet, _INSTALL_ATTR):
+        raise ValueError("user attention is already installed on this UNet; build a fresh UNet to install it again")
+    if blocks != "all" and (isinstance(blocks, str) or not list(blocks)):
+        raise ValueError(f"blocks must be 'all' or a non-empty list of name prefixes, got {blocks!r}")
+    cross = _cross_attention_modules(unet)
+    if not cross:
+        raise ValueError("this UNet has no cross-attention layers to condition on a user")
+    if blocks != "all":
+        for prefix in blocks:
+            if not any(_chosen(name, [prefix]) for name in cross):
+                available = sorted({".".join(name.split(".")[:2]) for name in cross})
+                raise ValueError(
+                    f"block prefix {prefix!r} matches no cross-attention layer; cross-attention lives under: "
+                    f"{', '.join(available)} (or use blocks='all')"
+                )
+
+    processors = dict(unet.attn_processors)
+    user_processors: dict[str, UserAttnProcessor] = {}
+    text_only: list[str] = []
+    for name, attn in cross.items():
+        if not _chosen(name, blocks):
+            processors[name] = TextOnlyAttnProcessor(num_user_tokens)
+            text_only.append(name)
+            continue
+        processor = UserAttnProcessor(
+            hidden_size=attn.to_k.out_features,
+            cross_attention_dim=attn.to_k.in_features,
+            num_user_tokens=num_user_tokens,
+            scale=scale,
+        )
+        # copies, not shared tensors: the user projections train on their own
+        with torch.no_grad():
+            processor.to_k_user.weight.copy_(attn.to_k.weight)
+            processor.to_v_user.weight.copy_(attn.to_v.weight)
+        processor.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+        processors[name] = processor
+        user_processors[name] = processor
+    if not user_processors:
+        raise ValueError(f"blocks={blocks!r} selects no cross-attention layer")
+
+    unet.set_attn_processor(processors)
+    setattr(unet, _INSTALL_ATTR, dict(num_user_tokens=num_user_tokens, user=list(user_processors), text_only=text_only))
+    return nn.ModuleDict({_module_dict_key(name): processor for name, processor in user_processors.items()})
+
+
+def _installed(unet) -> dict:
+    info = getattr(unet, _INSTALL_ATTR, None)
+    if info is None:
+        raise ValueError("no user attention is installed on this UNet; call install_user_attention(unet, ...) first")
+    return info
+
+
+def user_attention_processors(unet) -> dict[str, UserAttnProcessor]:
+    """processor name -> `UserAttnProcessor`, in the UNet's order (checks that none was replaced)."""
+    assert_user_attention_intact(unet)
+    processors = unet.attn_processors
+    return {name: processors[name] for name in _installed(unet)["user"]}
+
+
+def num_user_tokens_of(unet) -> int:
+    """K, the number of user tokens the installed UNet expects after the text tokens."""
+    return _installed(unet)["num_user_tokens"]
+
+
+def user_attention_parameters(unet) -> list[nn.Parameter]:
+    """The trainable new projections (to_k_user / to_v_user of every user layer), nothing else."""
+    return [p for processor in user_attention_processors(unet).values() for p in processor.parameters()]
+
+
+def user_attention_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The user projections, keyed as in ``unet.state_dict()`` (e.g.
+    ``mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_user.weight``): stable across installs."""
+    state = {}
+    for name, processor in user_attention_processors(unet).items():
+        for key, tensor in processor.state_dict().items():
+            state[f"{name}.{key}"] = tensor.detach()
+    return state
+
+
+def load_user_attention_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
+    """Load `user_attention_state_dict` output into an installed UNet; keys and shapes must match exactly."""
+    own = user_attention_state_dict(unet)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            "user attention state dict does not match the installed layers (same num_user_tokens/blocks and "
+            f"UNet architecture needed).\n  missing keys ({len(missing)}): {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            f"\n  unexpected keys ({len(unexpected)}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    bad_shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
+    if bad_shapes:
+        raise ValueError("user attention state dict has wrong shapes (given vs installed): " + "; ".join(bad_shapes))
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
+
+
+def set_user_scale(unet, scale: float) -> None:
+    """Scale of the user branch in every user layer; 0 = "no user" (the branch is skipped)."""
+    for processor in user_attention_processors(unet).values():
+        processor.scale = float(scale)
+
+
+def set_user_attention_backend(unet, backend: str, attention_op: Callable | None = None) -> None:
+    """Switch the user and text-only processors between 'sdpa' and 'xformers' (keeps the user branch)."""
+    _check_backend(backend)
+    if backend == "xformers":
+        _require_xformers()  # fail before anything changes
+    assert_user_attention_intact(unet)
+    for processor in unet.attn_processors.values():
+        if isinstance(processor, (UserAttnProcessor, TextOnlyAttnProcessor)):
+            processor.set_backend(backend, attention_op)
+
+
+def assert_user_attention_intact(unet) -> None:
+    """Raise RuntimeError if a user / text-only processor was replaced since `install_user_attention`."""
+    info = _installed(unet)
+    processors = unet.attn_processors
+    expected = [(name, UserAttnProcessor) for name in info["user"]] + [(name, TextOnlyAttnProcessor) for name in info["text_only"]]
+    replaced = [
+        f"{name} ({type(processors.get(name)).__name__})"
+        for name, kind in expected
+        if not isinstance(processors.get(name), kind)
+    ]
+    if replaced:
+        raise RuntimeError(
+            f"{len(replaced)} user-attention processor(s) were replaced, so the user branch is gone: "
+            f"{', '.join(replaced[:4])}{' ...' if len(replaced) > 4 else ''}. Something called set_attn_processor, "
+            "set_default_attn_processor or enable_xformers_memory_efficient_attention after install_user_attention; "
+            "use set_user_attention_backend / guard_xformers_switch instead, or reinstall and reload the user weights."
+        )
+
+
+def guard_xformers_switch(pipe):
+    """Make ``pipe.enable/disable_xformers_memory_efficient_attention()`` (and the UNet's) keep the user branch.
+
+    The stock switch replaces every attention processor with a plain one. The guarded one fails first
+    with a clear RuntimeError if xformers/CUDA is missing, otherwise runs the stock switch (self-attention,
+    VAE, ...) and puts the user and text-only processors back, moved to their own xformers (or sdpa) path.
+    Patches the instances only; returns ``pipe``.
+    """
+    unet = pipe.unet
+    _installed(unet)
+    if getattr(pipe, "_diffpref_xformers_guarded", False):
+        return pipe
+
+    def guarded(stock_switch):
+        def set_use_memory_efficient_attention_xformers(valid: bool, attention_op: Callable | None = None) -> None:
+            if valid:
+                _require_xformers()
+            assert_user_attention_intact(unet)
+            ours = {
+                name: processor
+                for name, processor in unet.attn_processors.items()
+                if isinstance(processor, (UserAttnProcessor, TextOnlyAttnProcessor))
+            }
+            stock_switch(valid, attention_op)
+            for processor in ours.values():
+                processor.set_backend("xformers" if valid else "sdpa", attention_op)
+            processors = dict(unet.attn_processors)
+            processors.update(ours)
+            unet.set_attn_processor(processors)
+
+        return set_use_memory_efficient_attention_xformers
+
+    # enable_/disable_xformers_memory_efficient_attention of both the pipeline and the UNet go through
+    # set_use_memory_efficient_attention_xformers; the instance attribute shadows the class method.
+    pipe.set_use_memory_efficient_attention_xformers = guarded(pipe.set_use_memory_efficient_attention_xformers)
+    unet.set_use_memory_efficient_attention_xformers = guarded(unet.set_use_memory_efficient_attention_xformers)
+    pipe._diffpref_xformers_guarded = True
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def concat_user_tokens(
+    text_embeds: torch.Tensor, user_tokens: torch.Tensor | None, num_user_tokens: int
+) -> torch.Tensor:
+    """[B, L, D] text + [B, K, D] user -> [B, L + K, D] ``encoder_hidden_states`` for an installed UNet.
+
+    ``user_tokens=None`` is "no user" (zero tokens, whose user term is exactly zero); a [1, K, D] (or
+    [K, D]) user is broadcast to the batch. With classifier-free guidance, give the negative prompt
+    embeddings ``None`` (IP-Adapter's convention: the guidance then also pushes towards the user) and
+    the positive ones the user.
+    """
+    batch_size, _, width = text_embeds.shape
+    if user_tokens is None:
+        user_tokens = text_embeds.new_zeros(batch_size, num_user_tokens, width)
+    if user_tokens.ndim == 2:
+        user_tokens = user_tokens.unsqueeze(0)
+    if user_tokens.ndim != 3 or user_tokens.shape[1:] != (num_user_tokens, width):
+        raise ValueError(
+            f"user tokens must be [B, {num_user_tokens}, {width}] (or [1, {num_user_tokens}, {width}]) to match "
+            f"text embeddings {tuple(text_embeds.shape)}; got {tuple(user_tokens.shape)}"
+        )
+    if user_tokens.shape[0] == 1 and batch_size != 1:
+        user_tokens = user_tokens.expand(batch_size, -1, -1)
+    elif user_tokens.shape[0] != batch_size:
+        raise ValueError(f"user tokens have batch {user_tokens.shape[0]}, text embeddings {batch_size}; give 1 or {batch_size}")
+    return torch.cat([text_embeds, user_tokens.to(device=text_embeds.device, dtype=text_embeds.dtype)], dim=1)
