@@ -1,0 +1,793 @@
+"""Throughput and peak memory of one preference-training step: diffpref's trainer vs. a reference-style loop.
+
+    python bench/train_step.py --json                                   # embedded model, LoRA DPO, CPU
+    python bench/train_step.py --json --config sd15 --batch-pairs 8     # SD1.5 architecture, GPU
+    python bench/train_step.py --json --config sd15 --lora-rank 0       # full fine-tuning
+    python bench/train_step.py --flops --config sd15 --batch-pairs 8    # UNet fwd+bwd MFU (GPU)
+
+"ours" is one optimizer step as ``diffpref.training.trainer.train`` runs it: items read from a real
+``PreferenceCache`` (VAE latents and prompt embeddings encoded once, before training), the trainer's
+per-sample noise/timesteps/prompt dropout, ``paired_preference`` with the reference pass under
+``adapters_disabled`` (LoRA) or through a frozen copy (full), AdamW with gradient clipping.
+
+"reference" is the same step written the way the Diffusion-DPO public training script does it: a
+separately loaded frozen reference UNet (also for LoRA), the VAE encoding both images and the text
+encoder(s) running on every step, and the DPO loss written out inline. Image decoding is left out of
+both (the public scripts do it in DataLoader workers), which if anything flatters the reference loop.
+
+Both variants use the same UNet config, batch, optimizer and precision, and an objective check at
+start-up asserts that they compute the same loss on the same latents, noise and timesteps.
+Timing: both variants live in one process and their steps are interleaved (ABBA order) after warm-up,
+so background load hits both alike; pairs/s = batch_pairs / median step time. Peak memory: each
+variant runs in a fresh child process (see ``_memory_worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import time by diffusers/transformers: set it first
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from diffpref.models.builders import WORLD_SCHEDULER_CONFIG, WORLD_UNET_CONFIG  # noqa: E402
+
+CONFIGS = ("embedded", "sd15", "sdxl")
+METHODS = ("dpo", "inpo", "ppd")
+GPU_ONLY = ("sd15", "sdxl")
+BETA = {"dpo": 5000.0, "inpo": 2000.0}  # trainer defaults, -beta/2 form
+LEARNING_RATE = 1e-4
+MAX_GRAD_NORM = 1.0
+PROMPT_DROPOUT = 0.1
+INVERSION_STEPS = 10
+OBJECTIVE_TOLERANCE = 1e-3  # |loss_ours - loss_reference| on the check batch, fp32
+
+# ----------------------------------------------------------------------------- architectures
+# Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5), written out so nothing is downloaded.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, act_fn="silu", norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+)
+CLIP_L_TEXT_CONFIG = dict(  # SD1.5's text encoder, and SDXL's first one
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+# SDXL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE_CONFIG = {**SD_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+CLIP_BIGG_TEXT_CONFIG = dict(  # SDXL's second text encoder (OpenCLIP ViT-bigG/14)
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+)
+RESOLUTION = {"embedded": 64, "sd15": 512, "sdxl": 1024}
+UNET_CONFIG = {"embedded": WORLD_UNET_CONFIG, "sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
+
+# Dense bf16 peak of the cards we expect, by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
+
+
+def unet_config(config: str) -> dict:
+    return UNET_CONFIG[config]
+
+
+def build_unet(config: str):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_config(config))
+
+
+def build_components(config: str, workdir: Path, seed: int = 0, unet: bool = True) -> dict:
+    """Random-init pipeline components of ``config`` (the architecture is all that matters for speed)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffpref.models.builders import build_world_components
+    from diffpref.models.tokenizer import load_world_tokenizer, write_world_tokenizer
+
+    if config == "embedded":
+        return build_world_components(workdir / "tokenizer", seed=seed)
+    # Token ids only have to be valid; the world tokenizer padded to CLIP's 77 tokens does that offline.
+    tokenizer = load_world_tokenizer(write_world_tokenizer(workdir / "tokenizer", model_max_length=77))
+    torch.manual_seed(seed)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    parts = dict(tokenizer=tokenizer, unet=build_unet(config) if unet else None, scheduler=DDIMScheduler(**WORLD_SCHEDULER_CONFIG),
+                 text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG, **special)))
+    if config == "sd15":
+        parts["vae"] = AutoencoderKL(**SD_VAE_CONFIG)
+    else:
+        parts["vae"] = AutoencoderKL(**SDXL_VAE_CONFIG)
+        parts["tokenizer_2"] = tokenizer
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT_CONFIG, **special))
+    return parts
+
+
+def make_pipeline(config: str, parts: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if config == "sdxl":
+        return StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                         text_encoder_2=parts["text_encoder_2"], tokenizer=parts["tokenizer"],
+                                         tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
+                                         scheduler=parts["scheduler"], force_zeros_for_empty_prompt=False)
+    return StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                   unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+# ----------------------------------------------------------------------------- data
+def write_pairs(workdir: Path, n_pairs: int, resolution: int, seed: int = 0) -> tuple[Path, list[str]]:
+    """Random images and world-vocabulary prompts as a JSONL pair manifest (image 0 always preferred)."""
+    from PIL import Image
+
+    from diffpref.world.captions import caption_vocabulary
+
+    rng = np.random.default_rng(seed)
+    words = caption_vocabulary()
+    images_dir = workdir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    lines, prompts = [], []
+    for i in range(n_pairs):
+        prompt = " ".join(rng.choice(words, size=6))
+        names = []
+        for side in (0, 1):
+            name = f"{i:05d}_{side}.png"
+            Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(images_dir / name)
+            names.append(f"images/{name}")
+        lines.append(json.dumps({"prompt": prompt, "image_0": names[0], "image_1": names[1], "label": 1.0,
+                                 "user_id": f"u{i % 4}"}))
+        prompts.append(prompt)
+    manifest = workdir / "pairs.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, prompts
+
+
+def reference_inputs(manifest: Path, prompts: list[str], parts: dict, resolution: int) -> dict:
+    """What the public scripts' DataLoader yields: pixel_values [N, 6, H, W] (winner|loser) and input_ids."""
+    from PIL import Image
+
+    from diffpref.training.conditioning import images_to_tensor
+
+    pixels = []
+    for line in manifest.read_text().splitlines():
+        record = json.loads(line)
+        images = [Image.open(manifest.parent / record[k]) for k in ("image_0", "image_1")]
+        pixels.append(images_to_tensor(images, resolution).reshape(6, resolution, resolution))
+    tokenizer = parts["tokenizer"]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return {"pixel_values": torch.stack(pixels), "input_ids": ids}
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def _lora_config(rank: int):
+    from peft import LoraConfig
+
+    # The trainer's defaults: alpha = rank, attention projections, gaussian init.
+    return LoraConfig(r=rank, lora_alpha=float(rank), init_lora_weights="gaussian",
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def _add_lora(unet, rank: int, seed: int):
+    unet.requires_grad_(False)
+    torch.manual_seed(seed)  # both variants get the same adapter initialisation
+    unet.add_adapter(_lora_config(rank))
+    return unet
+
+
+def _cast_frozen(unet, dtype):
+    """The trainer's mixed-precision layout: frozen weights in ``dtype``, trainable weights fp32."""
+    if dtype == torch.float32:
+        return
+    unet.to(dtype=dtype)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def _autocast(device: torch.device, dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: the clock must wait for them
+
+
+class Variant:
+    name: str
+    policy_unet: torch.nn.Module
+
+    def finalize(self, dtype):
+        """Switch to the training precision and make the optimizer (after the objective check, which runs fp32)."""
+        self.dtype = dtype
+        self._cast(dtype)
+        self.params = [p for p in self.policy_unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.policy_unet.train()
+        self.step_index = 0
+
+    def _optimizer_step(self, loss):
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+        return grad_norm
+
+
+# ----------------------------------------------------------------------------- ours
+class CachedTrainerStep(Variant):
+    """One optimizer step as ``diffpref.training.trainer.train`` runs it (single process)."""
+
+    name = "ours"
+
+    def __init__(self, unet, cache, schedule, method: str, lora_rank: int, batch_pairs: int, device, seed: int = 0):
+        from diffpref.training.conditioning import added_cond_kwargs
+        from diffpref.training.trainer import adapters_disabled
+
+        self.cache, self.schedule, self.method = cache, schedule, method
+        self.batch_pairs, self.device, self.seed, self.dtype = batch_pairs, device, seed, torch.float32
+        self.resolution = cache.resolution
+        self.is_lora = lora_rank > 0
+        unet = unet.to(device)
+        if self.is_lora:
+            self.policy_unet, self.reference_unet = _add_lora(unet, lora_rank, seed), None
+        else:
+            self.policy_unet = unet.requires_grad_(True)
+            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+
+        def denoiser(model):
+            def run(x, t, cond):
+                extra = added_cond_kwargs(self.policy_unet, cond, self.resolution, x.shape[0])
+                with _autocast(self.device, self.dtype):
+                    return model(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=extra).sample.float()
+            return run
+
+        self.policy = denoiser(self.policy_unet)
+        if self.is_lora:
+            def reference(x, t, cond):
+                with adapters_disabled(self.policy_unet):
+                    return denoiser(self.policy_unet)(x, t, cond)
+            self.reference = reference
+        else:
+            self.reference = denoiser(self.reference_unet)
+
+    def _cast(self, dtype):
+        if self.is_lora:
+            _cast_frozen(self.policy_unet, dtype)
+        else:
+            self.reference_unet.to(dtype)
+
+    def objective(self, batch, noise, t, beta, generator=None):
+        from diffpref.training.objectives import paired_preference
+
+        return paired_preference(batch, self.policy, self.reference, self.schedule, noise, t, beta, self.method,
+                                 INVERSION_STEPS, 0.0, generator)
+
+    def step(self) -> float:
+        from diffpref.training import randomness
+        from diffpref.training.trainer import _collate, _to_device
+
+        step, n = self.step_index, self.batch_pairs
+        indices = randomness.global_batch_indices(step, len(self.cache), n, self.seed)
+        gens = randomness.sample_generators(step, range(n), self.seed)
+        t = randomness.per_sample_timesteps(gens, len(self.schedule.alphas_cumprod))
+        drop = randomness.per_sample_uniform(gens) < PROMPT_DROPOUT
+        items = [self.cache[int(i)] for i in indices]
+        noise = randomness.per_sample_noise(gens, tuple(items[0]["latents_0"].shape))
+        batch = _to_device(_collate(items, self.cache.empty_prompt_cond, drop), self.device, torch.float32)
+        noise, t = noise.to(self.device), t.to(self.device)
+        inversion_gen = torch.Generator().manual_seed(randomness.mix(self.seed, step, 0, 0x1A0))
+        out = self.objective(batch, noise, t, BETA[self.method], inversion_gen)
+        loss = out.loss.mean()
+        grad_norm = self._optimizer_step(loss)
+        # The trainer logs loss, metrics and the grad norm every step: host syncs it pays, so we pay them too.
+        return float(loss.item()) + 0.0 * sum(out.metrics.values()) + 0.0 * float(grad_norm)
+
+
+# ----------------------------------------------------------------------------- reference style
+class ReferenceStyleStep(Variant):
+    """A Diffusion-DPO-style training step: frozen ref UNet copy, VAE and text encoder(s) on every step."""
+
+    name = "reference"
+
+    def __init__(self, unet, reference_unet, parts: dict, data: dict, method: str, lora_rank: int,
+                 batch_pairs: int, resolution: int, device, seed: int = 0):
+        from diffusers import DDPMScheduler
+
+        self.method, self.batch_pairs, self.resolution, self.device = method, batch_pairs, resolution, device
+        self.dtype = torch.float32
+        self.is_lora = lora_rank > 0
+        self.vae = parts["vae"].to(device).requires_grad_(False).eval()
+        self.text_encoders = [parts[k].to(device).requires_grad_(False).eval()
+                              for k in ("text_encoder", "text_encoder_2") if parts.get(k) is not None]
+        self.noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+        self.pixel_values, self.input_ids = data["pixel_values"], data["input_ids"]
+        unet = unet.to(device)
+        self.policy_unet = _add_lora(unet, lora_rank, seed) if self.is_lora else unet.requires_grad_(True)
+        self.ref_unet = reference_unet.to(device).requires_grad_(False).eval()
+        self.sdxl = len(self.text_encoders) == 2
+
+    def _cast(self, dtype):
+        if self.is_lora:
+            _cast_frozen(self.policy_unet, dtype)
+        self.ref_unet.to(dtype)
+        self.vae.to(dtype)
+        for encoder in self.text_encoders:
+            encoder.to(dtype)
+
+    @torch.no_grad()
+    def encode_prompt(self, input_ids):
+        if not self.sdxl:
+            return self.text_encoders[0](input_ids.to(self.device))[0], None
+        embeds = []
+        for encoder in self.text_encoders:
+            out = encoder(input_ids.to(self.device), output_hidden_states=True)
+            pooled = out[0]  # the second encoder's projected pooled output is the one kept
+            embeds.append(out.hidden_states[-2])
+        size = self.resolution
+        add_time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=pooled.dtype)
+        return torch.cat(embeds, dim=-1), {"text_embeds": pooled, "time_ids": add_time_ids.repeat(len(input_ids), 1)}
+
+    def dpo_loss(self, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs, beta):
+        """The public script's loss: latents/noise/timesteps are [2B] with winners first."""
+        if self.method == "inpo":
+            from diffpref.inversion import ddim_invert
+
+            with torch.no_grad(), _autocast(self.device, self.dtype):
+                inv = ddim_invert(lambda x, s: self.policy_unet(x, s, encoder_hidden_states,
+                                                                added_cond_kwargs=added_cond_kwargs).sample.float(),
+                                  latents.float(), timesteps, self.noise_scheduler.alphas_cumprod,
+                                  num_steps=INVERSION_STEPS)
+            noisy_latents, target = inv.x_t, inv.eps_star
+        else:
+            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise
+        with _autocast(self.device, self.dtype):
+            model_pred = self.policy_unet(noisy_latents, timesteps, encoder_hidden_states,
+                                          added_cond_kwargs=added_cond_kwargs).sample
+        model_losses = (model_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+        model_losses_w, model_losses_l = model_losses.chunk(2)
+        model_diff = model_losses_w - model_losses_l
+        with torch.no_grad(), _autocast(self.device, self.dtype):
+            ref_pred = self.ref_unet(noisy_latents, timesteps, encoder_hidden_states,
+                                     added_cond_kwargs=added_cond_kwargs).sample.detach()
+            ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
+            ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+            ref_diff = ref_losses_w - ref_losses_l
+        scale_term = -0.5 * beta
+        inside_term = scale_term * (model_diff - ref_diff)
+        implicit_acc = (inside_term > 0).sum().float() / inside_term.size(0)
+        loss = -1 * F.logsigmoid(inside_term).mean()
+        return loss, implicit_acc
+
+    def step(self) -> float:
+        bsz = self.batch_pairs
+        idx = torch.randperm(len(self.pixel_values))[:bsz]
+        pixel_values = self.pixel_values[idx].to(self.device)
+        feed_pixel_values = torch.cat(pixel_values.chunk(2, dim=1))  # [2B, 3, H, W]: winners, then losers
+        with torch.no_grad():
+            latents = self.vae.encode(feed_pixel_values.to(self.dtype)).latent_dist.sample()
+            latents = latents * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        noise = noise.chunk(2)[0].repeat(2, 1, 1, 1)  # winner and loser share the noise
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=self.device)
+        timesteps = timesteps.repeat(2).long()
+        encoder_hidden_states, added = self.encode_prompt(self.input_ids[idx])
+        encoder_hidden_states = encoder_hidden_states.repeat(2, 1, 1)
+        if added is not None:
+            added = {k: v.repeat(2, 1) for k, v in added.items()}
+        loss, implicit_acc = self.dpo_loss(latents, noise, timesteps, encoder_hidden_states, added, BETA[self.method])
+        grad_norm = self._optimizer_step(loss)
+        return float(loss.item()) + 0.0 * float(implicit_acc) + 0.0 * float(grad_norm)
+
+
+# ----------------------------------------------------------------------------- building both
+def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, device):
+    from diffpref.training.objectives import NoiseSchedule
+
+    from diffusers import DDIMScheduler
+
+    scheduler = parts["scheduler"] if parts else DDIMScheduler(**WORLD_SCHEDULER_CONFIG)
+    if kind == "ours":
+        schedule = NoiseSchedule(scheduler.alphas_cumprod.clone(), scheduler.config.get("prediction_type", "epsilon"))
+        return CachedTrainerStep(base_unet, cache, schedule, args.method, args.lora_rank, args.batch_pairs, device)
+    reference_unet = copy.deepcopy(base_unet)  # "loaded twice": a separate frozen copy, even for LoRA
+    return ReferenceStyleStep(base_unet, reference_unet, parts, data, args.method, args.lora_rank, args.batch_pairs,
+                              RESOLUTION[args.config], device)
+
+
+@torch.no_grad()
+def perturb_and_share(ours: CachedTrainerStep, reference: ReferenceStyleStep, seed: int = 1):
+    """Move the trainable weights off their init (LoRA B starts at 0, so policy == reference would make the
+    objective check trivial), identically in both variants."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in ours.policy_unet.parameters():
+        if p.requires_grad:
+            scale = 0.02 if ours.is_lora else 1e-3 * (float(p.abs().mean()) + 1e-3)
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.device))
+    missing, unexpected = reference.policy_unet.load_state_dict(ours.policy_unet.state_dict(), strict=True)
+    assert not missing and not unexpected
+
+
+@torch.no_grad()
+def objective_check(ours: CachedTrainerStep, reference: ReferenceStyleStep, n_pairs: int = 2) -> dict:
+    """Both variants' loss on the same cached latents, prompt embeddings, noise and timesteps (fp32)."""
+    from diffpref.training.conditioning import added_cond_kwargs
+    from diffpref.training.trainer import _collate, _to_device
+
+    device = ours.device
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        items = [ours.cache[i] for i in range(n_pairs)]
+        batch = _to_device(_collate(items, ours.cache.empty_prompt_cond, torch.zeros(n_pairs, dtype=torch.bool)),
+                           device, torch.float32)
+        gen = torch.Generator().manual_seed(123)
+        noise = torch.randn((n_pairs, *items[0]["latents_0"].shape), generator=gen).to(device)
+        t = torch.randint(0, 1000, (n_pairs,), generator=gen).to(device)
+        beta = BETA[ours.method]
+        loss_ours = ours.objective(batch, noise, t, beta).loss.mean()
+        latents = torch.cat([batch["latents_0"], batch["latents_1"]])
+        cond = batch["cond"]
+        embeds = cond["prompt_embeds"].repeat(2, 1, 1)
+        added = added_cond_kwargs(ours.policy_unet, {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in cond.items()},
+                                  ours.resolution, 2 * n_pairs)
+        loss_reference, _ = reference.dpo_loss(latents, noise.repeat(2, 1, 1, 1), t.repeat(2), embeds, added, beta)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    diff = abs(float(loss_ours) - float(loss_reference))
+    if not diff <= OBJECTIVE_TOLERANCE:
+        raise AssertionError(f"objective mismatch: ours {float(loss_ours):.6f} vs reference "
+                             f"{float(loss_reference):.6f} (|diff| {diff:.2e} > {OBJECTIVE_TOLERANCE})")
+    return {"objective_loss": round(float(loss_ours), 6), "objective_abs_diff": diff}
+
+
+def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device) -> tuple:
+    """Write the pair data, build the trainer's cache from it (timed), and the reference loop's inputs."""
+    from diffpref.training.cache import build_preference_cache
+
+    resolution = RESOLUTION[config]
+    manifest, prompts = write_pairs(workdir, n_pairs, resolution)
+    pipe = make_pipeline(config, parts)
+    pipe.to(device)
+    started = time.perf_counter()
+    cache = build_preference_cache(pipe, manifest, workdir / "cache", resolution=resolution, progress=False)
+    _sync(device)
+    encode_s = time.perf_counter() - started
+    data = reference_inputs(manifest, prompts, parts, resolution)
+    return cache, data, encode_s
+
+
+# ----------------------------------------------------------------------------- timing
+def time_interleaved(variants: list, warmup: int, repeats: int, device) -> dict[str, list[float]]:
+    """Step times per variant, rounds in ABBA order so drift and background load hit both alike."""
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for round_index in range(warmup + repeats):
+        order = variants if round_index % 2 == 0 else variants[::-1]
+        for variant in order:
+            _sync(device)
+            started = time.perf_counter()
+            loss = variant.step()
+            _sync(device)
+            elapsed = time.perf_counter() - started
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"{variant.name}: non-finite loss {loss}")
+            if round_index >= warmup:
+                times[variant.name].append(elapsed)
+    return times
+
+
+# ----------------------------------------------------------------------------- memory
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_worker(args) -> dict:
+    """Child process: build one variant from scratch, run steps, report its peak memory.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over the steps (reset after set-up, so it holds the
+    resident weights plus optimizer state, gradients and activations at their peak).
+    CPU: peak RSS (VmHWM, reset after set-up via /proc/self/clear_refs) minus the RSS this process had
+    right after its imports, i.e. the same quantity: weights, optimizer state, gradients, activations,
+    and the variant's data (the cache for ours, decoded pixels for the reference loop).
+    """
+    # Everything either variant imports, imported before the RSS baseline is read: module code is not
+    # what we measure (diffusers and transformers import their model classes lazily).
+    import diffusers
+    import peft  # noqa: F401
+    import transformers
+
+    import diffpref.inversion  # noqa: F401
+    import diffpref.training.cache  # noqa: F401
+    import diffpref.training.trainer  # noqa: F401
+
+    for name in ("AutoencoderKL", "UNet2DConditionModel", "DDIMScheduler", "DDPMScheduler"):
+        getattr(diffusers, name)
+    for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"):
+        getattr(transformers, name)
+    device = torch.device(args.device)
+    rss_after_imports_kb = _proc_status_kb("VmRSS")
+    spec = json.loads(Path(args.worker_dir, "spec.json").read_text())
+    dtype = getattr(torch, spec["dtype"])
+    if args.worker == "ours":
+        from diffpref.training.cache import PreferenceCache
+
+        variant = make_variant("ours", args, None, build_unet(args.config), PreferenceCache(spec["cache"]), None, device)
+    else:
+        parts = build_components(args.config, Path(args.worker_dir) / "child", unet=False)
+        parts["unet"] = None
+        data = torch.load(spec["data"])
+        variant = make_variant("reference", args, parts, build_unet(args.config), None, data, device)
+        del parts
+    variant.finalize(dtype)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        setup_mb = torch.cuda.memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        setup_mb = (_proc_status_kb("VmRSS") - rss_after_imports_kb) / 1024
+    reset = _reset_peak_rss()
+    # The first step allocates the optimizer state; with --sequential this process also does the timing.
+    steps = args.warmup + args.repeats if args.sequential else 3
+    step_times = []
+    for i in range(steps):
+        _sync(device)
+        started = time.perf_counter()
+        variant.step()
+        _sync(device)
+        if i >= args.warmup:
+            step_times.append(time.perf_counter() - started)
+    if device.type == "cuda":
+        peak_mb, method = torch.cuda.max_memory_allocated(device) / 2**20, "cuda.max_memory_allocated"
+    else:
+        peak_mb = (_proc_status_kb("VmHWM") - rss_after_imports_kb) / 1024
+        method = "VmHWM - VmRSS after imports" + ("" if reset else " (VmHWM not reset: includes set-up)")
+    return {"variant": args.worker, "peak_mem_mb": peak_mb, "setup_mem_mb": setup_mb, "mem_method": method,
+            "step_times": step_times}
+
+
+def measure_memory(args, workdir: Path, cache, data, dtype) -> dict[str, dict]:
+    torch.save(data, workdir / "reference_data.pt")
+    (workdir / "spec.json").write_text(json.dumps({"cache": str(cache.path), "data": str(workdir / "reference_data.pt"),
+                                                   "dtype": str(dtype).removeprefix("torch.")}))
+    results = {}
+    for kind in ("ours", "reference"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--worker-dir", str(workdir),
+               "--config", args.config, "--method", args.method, "--lora-rank", str(args.lora_rank),
+               "--batch-pairs", str(args.batch_pairs), "--device", args.device,
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats)] + (["--sequential"] if args.sequential else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker {kind} failed:\n{proc.stderr[-4000:]}")
+        results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ----------------------------------------------------------------------------- one benchmark
+def run_one(args) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory(prefix="diffpref_bench_") as tmp:
+        workdir = Path(tmp)
+        parts = build_components(args.config, workdir)
+        n_pairs = max(2 * args.batch_pairs, 4)
+        cache, data, encode_s = build_cache(args.config, parts, workdir, n_pairs, device)
+        base_unet = parts.pop("unet").cpu()
+        for key in ("vae", "text_encoder", "text_encoder_2"):  # back to the CPU until the reference loop takes them
+            if parts.get(key) is not None:
+                parts[key].cpu()
+        ours = make_variant("ours", args, parts, copy.deepcopy(base_unet), cache, data, device)
+        reference = make_variant("reference", args, parts, base_unet, cache, data, device)
+        perturb_and_share(ours, reference)
+        check = objective_check(ours, reference)
+        timings = {}
+        if not args.sequential:
+            for variant in (ours, reference):
+                variant.finalize(dtype)
+            timings = time_interleaved([ours, reference], args.warmup, args.repeats, device)
+        del ours, reference, parts, base_unet
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the memory workers need the card to themselves
+        memory = measure_memory(args, workdir, cache, data, dtype)
+        if args.sequential:
+            timings = {kind: memory[kind]["step_times"] for kind in memory}
+    median = {k: statistics.median(v) for k, v in timings.items()}
+    pairs_per_s = args.batch_pairs / median["ours"]
+    ref_pairs_per_s = args.batch_pairs / median["reference"]
+    peak, ref_peak = memory["ours"]["peak_mem_mb"], memory["reference"]["peak_mem_mb"]
+    return {
+        "config": args.config, "method": args.method, "lora_rank": args.lora_rank, "batch_pairs": args.batch_pairs,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "pairs_per_s": round(pairs_per_s, 3), "ref_pairs_per_s": round(ref_pairs_per_s, 3),
+        "speedup": round(pairs_per_s / ref_pairs_per_s, 3),
+        "peak_mem_mb": round(peak, 1), "ref_peak_mem_mb": round(ref_peak, 1), "memory_ratio": round(peak / ref_peak, 3),
+        "step_s": [round(x, 4) for x in timings["ours"]], "ref_step_s": [round(x, 4) for x in timings["reference"]],
+        "timing": "separate processes" if args.sequential else "interleaved ABBA, one process",
+        # What is resident before the first step (weights, and the data): the rest of the peak is optimizer
+        # state, gradients and activations, which both variants share for the trainable UNet.
+        "setup_mem_mb": round(memory["ours"]["setup_mem_mb"], 1),
+        "ref_setup_mem_mb": round(memory["reference"]["setup_mem_mb"], 1),
+        "cache_encode_s_per_pair": round(encode_s / n_pairs, 4), "mem_method": memory["ours"]["mem_method"],
+        "dtype": str(dtype).removeprefix("torch."), **check,
+    }
+
+
+# ----------------------------------------------------------------------------- FLOPs / MFU
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def run_flops(args) -> dict:
+    """Model FLOP utilisation of one UNet forward+backward (full fine-tuning, bf16 autocast on CUDA).
+
+    FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward+backward (matmuls,
+    convolutions and attention; elementwise ops are not counted, as is usual for MFU), then divided
+    by the median measured time of the same computation and by the card's dense bf16 peak.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    unet = build_unet(args.config).to(device).train().requires_grad_(True)
+    cfg = unet.config
+    n = 2 * args.batch_pairs  # winners and losers go through the UNet as one batch
+    size = RESOLUTION[args.config] // (8 if args.config != "embedded" else 4)
+    x = torch.randn(n, cfg.in_channels, size, size, device=device)
+    t = torch.randint(0, 1000, (n,), device=device)
+    tokens = 77 if args.config != "embedded" else 16
+    embeds = torch.randn(n, tokens, cfg.cross_attention_dim, device=device)
+    added = None
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(n, pooled, device=device),
+                 "time_ids": torch.tensor([[RESOLUTION[args.config]] * 2 + [0, 0] + [RESOLUTION[args.config]] * 2],
+                                          device=device, dtype=torch.float32).repeat(n, 1)}
+
+    def fwd_bwd():
+        with _autocast(device, dtype):
+            out = unet(x, t, embeds, added_cond_kwargs=added).sample
+        out.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd()
+    flops = counter.get_total_flops()
+    times = []
+    for i in range(args.warmup + args.repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fwd_bwd()
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if device.type == "cuda" else None)
+    achieved = flops / seconds
+    return {"config": args.config, "batch_pairs": args.batch_pairs, "images_per_step": n,
+            "device_name": name, "dtype": str(dtype).removeprefix("torch."),
+            "flops_per_step": flops, "step_s": round(seconds, 5), "tflops": round(achieved / 1e12, 3),
+            "peak_tflops": round(peak / 1e12, 1) if peak else None,
+            "mfu": round(achieved / peak, 4) if peak else None}
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON (the only output format)")
+    parser.add_argument("--config", nargs="+", default=["embedded"], choices=CONFIGS,
+                        help="model architecture(s): embedded (64 px, CPU ok), sd15 (512 px), sdxl (1024 px)")
+    parser.add_argument("--method", nargs="+", default=["dpo"], choices=METHODS, help="objective(s)")
+    parser.add_argument("--lora-rank", nargs="+", type=int, default=[8],
+                        help="LoRA rank(s); 0 = full fine-tuning with a frozen reference copy")
+    parser.add_argument("--batch-pairs", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median taken; >= 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (>= 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--allow-cpu", action="store_true", help="run sd15/sdxl on a CPU anyway (very slow)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time each variant in its own process (when both do not fit on the card together)")
+    parser.add_argument("--flops", action="store_true", help="UNet forward+backward MFU instead of the comparison")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
+    parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 5 or args.warmup < 2:
+        parser.error(f"--repeats {args.repeats} / --warmup {args.warmup}: use at least 5 timed and 2 warm-up steps")
+    if args.batch_pairs < 1:
+        parser.error(f"--batch-pairs {args.batch_pairs} must be >= 1")
+    if any(r < 0 for r in args.lora_rank):
+        parser.error(f"--lora-rank {args.lora_rank}: ranks must be >= 0 (0 = full fine-tuning)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:  # a memory child: one (config, method, rank) combination, JSON on the last line
+        args.config, args.method, args.lora_rank = args.config[0], args.method[0], args.lora_rank[0]
+        result = _memory_worker(args)
+        print(json.dumps(result))
+        return 0
+    on_cpu = torch.device(args.device).type == "cpu"
+    refused = [c for c in args.config if c in GPU_ONLY]
+    if on_cpu and refused and not args.allow_cpu:
+        print(f"error: --config {' '.join(refused)} builds the full-size architecture ({RESOLUTION[refused[0]]} px) "
+              "and needs a CUDA GPU; on a CPU one step takes many minutes. Use --config embedded, or pass "
+              "--allow-cpu to run it anyway.", file=sys.stderr)
+        return 2
+    if "ppd" in args.method:
+        print("error: --method ppd is not available yet: the PPD module (user-conditioned preference training) "
+              "does not exist in diffpref. Use --method dpo or inpo.", file=sys.stderr)
+        return 2
+    results = []
+    for config in args.config:
+        for method in args.method:
+            for rank in args.lora_rank:
+                one = argparse.Namespace(**{**vars(args), "config": config, "method": method, "lora_rank": rank})
+                results.append(run_flops(one) if args.flops else run_one(one))
+                if args.flops:
+                    break  # FLOPs do not depend on the method or the adapters
+            if args.flops:
+                break
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
