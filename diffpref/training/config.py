@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-METHODS = ("dpo", "inpo", "kto", "mapo", "sft")
+METHODS = ("dpo", "inpo", "kto", "mapo", "sft", "ppd")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 NAN_POLICIES = ("stop", "skip")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 # Per-method beta defaults in the -beta/2 form of diffusion_dpo_loss (papers' settings for SD1.5).
-DEFAULT_BETA = {"dpo": 5000.0, "inpo": 2000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0}
+DEFAULT_BETA = {"dpo": 5000.0, "inpo": 2000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0, "ppd": 5000.0}
 
 
 def _choice(name: str, value, valid) -> None:
@@ -30,7 +30,7 @@ class TrainConfig:
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
     train_batch_size: int = field(default=4, metadata={"help": "pairs per process per micro-step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank; 0 = full fine-tune with a frozen reference copy"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank; 0 = full fine-tune with a frozen reference copy (for ppd: no LoRA)"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)"})
     lora_target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "comma-separated UNet modules that get LoRA"})
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (GPU); LoRA params stay fp32"})
@@ -62,6 +62,17 @@ class TrainConfig:
     eval_users: str | None = field(default=None, metadata={"help": "users JSON for evaluation (default: users.json beside world data)"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | none"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    # PPD (method=ppd): the base UNet stays frozen; the user encoder head and the new user-attention
+    # projections train (plus LoRA when lora_rank > 0).
+    ppd_num_tokens: int = field(default=4, metadata={"help": "PPD: user tokens K read by the UNet"})
+    ppd_blocks: str = field(default="all", metadata={"help": "PPD: 'all' or comma-separated UNet block prefixes that get user attention"})
+    ppd_backbone: str = field(default="embedded", metadata={"help": "PPD: 'embedded' (world CLIP) or an open_clip local-dir folder"})
+    ppd_shots_min: int = field(default=1, metadata={"help": "PPD: fewest context examples per training sample"})
+    ppd_shots_max: int = field(default=8, metadata={"help": "PPD: most context examples per training sample"})
+    ppd_user_dropout: float = field(default=0.1, metadata={"help": "PPD: fraction of samples trained with no user"})
+    ppd_hidden: int = field(default=128, metadata={"help": "PPD: width of the user encoder head"})
+    ppd_layers: int = field(default=2, metadata={"help": "PPD: set-transformer layers of the head"})
+    ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -80,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"prompt_dropout={self.prompt_dropout} must lie in [0, 1)")
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.method]
+        if self.method == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
+            raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if not self.data_path:
@@ -88,7 +101,11 @@ class TrainConfig:
 
     @property
     def uses_reference(self) -> bool:
-        return self.method in ("dpo", "inpo", "kto")
+        return self.method in ("dpo", "inpo", "kto", "ppd")
+
+    @property
+    def is_full_finetune(self) -> bool:
+        return self.lora_rank == 0 and self.method != "ppd"
 
     @property
     def is_lora(self) -> bool:

@@ -93,23 +93,32 @@ def _add_lora(unet, cfg: TrainConfig):
                                 target_modules=[m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]))
 
 
-def _register_lora_hooks(accelerator, cfg):
-    """Checkpoints of a LoRA run hold the adapter only (megabytes), not a copy of the whole UNet."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def _register_trainable_state_hooks(accelerator):
+    """Checkpoints hold the trainable parameters only: a LoRA or PPD run saves megabytes, not a UNet copy."""
     from safetensors.torch import load_file, save_file
+
+    def trainable(models):
+        return {f"{i}.{name}": p for i, model in enumerate(models)
+                for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            for model in models:
-                state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-                save_file({k: v.detach().contiguous() for k, v in state.items()}, str(Path(output_dir) / "lora.safetensors"))
+            state = {k: v.detach().float().contiguous().cpu() for k, v in trainable(models).items()}
+            save_file(state, str(Path(output_dir) / "trainable.safetensors"))
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
+        state = load_file(str(Path(input_dir) / "trainable.safetensors"))
+        params = trainable(models)
+        if state.keys() != params.keys():
+            raise RuntimeError(f"checkpoint {input_dir} does not match this run's trainable parameters "
+                               f"({len(state)} saved vs {len(params)} here): was it made with another config?")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name].to(param.dtype))
         while models:
-            model = models.pop()
-            set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(Path(input_dir) / "lora.safetensors")))
+            models.pop()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -193,25 +202,32 @@ def train(cfg: TrainConfig) -> dict:
     # 2. Trainable weights: LoRA adapters (reference = adapters off) or the full UNet (reference = frozen copy).
     if cfg.attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
-    set_seed(cfg.seed)  # LoRA's random init must not depend on what ran before in this process
-    if cfg.is_lora:
-        unet.to(dtype=weight_dtype)
-        _add_lora(unet, cfg)
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
-        reference_unet = None
-        _register_lora_hooks(accelerator, cfg)
-    else:
+    set_seed(cfg.seed)  # random inits (LoRA, PPD head) must not depend on what ran before in this process
+    reference_unet, user = None, None
+    if cfg.is_full_finetune:
         unet.requires_grad_(True)
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(weight_dtype) if cfg.uses_reference else None
+    else:
+        unet.to(dtype=weight_dtype).requires_grad_(False)
+        if cfg.is_lora:
+            _add_lora(unet, cfg)
+        if cfg.method == "ppd":
+            user = _setup_ppd(cfg, unet, cache, accelerator)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+    _register_trainable_state_hooks(accelerator)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    models = [unet] + ([user.encoder] if user else [])
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
     optimizer = _make_optimizer(cfg, params)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    *models, optimizer = accelerator.prepare(*models, optimizer)
+    unet = models[0]
+    if user:
+        user.encoder = models[1]
     accelerator.register_for_checkpointing(_StepCounter(lr_scheduler))
     raw_unet = accelerator.unwrap_model(unet)
 
@@ -223,12 +239,15 @@ def train(cfg: TrainConfig) -> dict:
         return run
 
     policy = denoiser(unet)
-    if cfg.is_lora:
-        def reference(x, t, cond):
-            with adapters_disabled(raw_unet):
-                return denoiser(raw_unet)(x, t, cond)
-    else:
+    if cfg.is_full_finetune:
         reference = denoiser(reference_unet) if reference_unet is not None else None
+    else:
+        def reference(x, t, cond):
+            # The reference is the base model: adapters off and, for PPD, no user (zero tokens add nothing).
+            if user:
+                cond = {**cond, "prompt_embeds": user.without_user(cond["prompt_embeds"])}
+            with adapters_disabled(raw_unet) if cfg.is_lora else contextlib.nullcontext():
+                return denoiser(raw_unet)(x, t, cond)
 
     # 3. Resume: the step count is all the state the data order and the noise need.
     global_step, skipped_steps = 0, 0
@@ -271,13 +290,16 @@ def train(cfg: TrainConfig) -> dict:
             noise = randomness.per_sample_noise(gens, latent_shape)
             batch = _to_device(_collate(items, empty_cond, drop), accelerator.device, torch.float32)
             noise, t = noise.to(accelerator.device), t.to(accelerator.device)
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*models):
+                if user:
+                    batch["cond"]["prompt_embeds"] = user.condition(batch["cond"]["prompt_embeds"], indices, gens)
                 if cfg.method == "kto":
                     out = kto(batch, policy, reference, schedule, noise, t, cfg.beta,
                               cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
                 else:
                     inversion_gen = torch.Generator().manual_seed(randomness.mix(cfg.seed, micro_step, rank, 0x1A0))
-                    out = paired_preference(batch, policy, reference, schedule, noise, t, cfg.beta, cfg.method,
+                    method = "dpo" if cfg.method == "ppd" else cfg.method  # PPD: Diffusion-DPO given the user
+                    out = paired_preference(batch, policy, reference, schedule, noise, t, cfg.beta, method,
                                             cfg.inversion_steps, cfg.inversion_eta, inversion_gen)
                 loss = out.loss.mean()
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
@@ -331,7 +353,10 @@ def train(cfg: TrainConfig) -> dict:
         summary["eval"] = evaluator(global_step)
         accelerator.log(summary["eval"], step=global_step)
     if accelerator.is_main_process:
-        export_weights(raw_unet, pipeline_class, cfg, output_dir)
+        if user:
+            user.export(raw_unet, output_dir)
+        else:
+            export_weights(raw_unet, pipeline_class, cfg, output_dir)
         (output_dir / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
@@ -353,10 +378,16 @@ def export_weights(unet, pipeline_class, cfg: TrainConfig, output_dir: Path) -> 
     return output_dir / "unet"
 
 
+def _setup_ppd(cfg: TrainConfig, unet, cache, accelerator):
+    from diffpref.personalize.training import PPDConditioner
+
+    return PPDConditioner.build(cfg, unet, cache, accelerator)
+
+
 def _make_evaluator(cfg: TrainConfig, accelerator, unet, pipeline_class, resolution):
     """Oracle win rate against the base model, when the data came from the world and has users."""
     users_file = Path(cfg.eval_users) if cfg.eval_users else Path(cfg.data_path).parent / "users.json"
-    if not users_file.exists() or not accelerator.is_main_process:
+    if cfg.method == "ppd" or not users_file.exists() or not accelerator.is_main_process:
         return None
     from diffpref.world.preference_eval import TrainingEvaluator
 

@@ -1,0 +1,111 @@
+"""Few-shot context for PPD training: every pair's frozen-backbone embeddings, grouped by user.
+
+The user encoder's backbone is frozen, so the embeddings of every pair (prompt, image 0, image 1)
+are computed once, next to the latent cache, and training only runs the small trainable head. For
+each training pair, the user's context is k of that user's *other* pairs (never the pair being
+trained on), with k drawn anew per sample so the head learns to read any number of shots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffpref.data import iter_preferences
+from diffpref.personalize.backbones import example_features_from_embeddings
+
+
+@dataclass
+class ContextBank:
+    text: torch.Tensor        # [N, E] prompt embeddings
+    image_0: torch.Tensor     # [N, E]
+    image_1: torch.Tensor     # [N, E]
+    label: torch.Tensor       # [N] probability that image 0 was preferred
+    user_index: torch.Tensor  # [N]
+
+    def __post_init__(self):
+        self.by_user: dict[int, torch.Tensor] = {}
+        for user in self.user_index.unique().tolist():
+            self.by_user[user] = (self.user_index == user).nonzero().flatten()
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.text.shape[1]
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-example features [k, F] of pairs ``rows``, preferred image first."""
+        first = (self.label[rows] >= 0.5).unsqueeze(1)
+        preferred = torch.where(first, self.image_0[rows], self.image_1[rows])
+        rejected = torch.where(first, self.image_1[rows], self.image_0[rows])
+        return example_features_from_embeddings(self.text[rows], preferred, rejected)
+
+    def sample_context(self, rows: torch.Tensor, generators: list[torch.Generator], k_min: int,
+                       k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, k_max, F], mask [B, k_max]) of k other pairs of each row's user."""
+        batch = torch.zeros(len(rows), k_max, self.feature_dim)
+        mask = torch.zeros(len(rows), k_max, dtype=torch.bool)
+        for b, (row, gen) in enumerate(zip(rows.tolist(), generators)):
+            others = self.by_user[int(self.user_index[row])]
+            others = others[others != row]
+            if len(others) == 0:
+                raise ValueError(f"user {int(self.user_index[row])} has a single pair: PPD needs >= 2 pairs per user "
+                                 "(the context must never contain the pair being trained on)")
+            k = int(torch.randint(k_min, k_max + 1, (1,), generator=gen))
+            k = min(k, len(others))
+            chosen = others[torch.randperm(len(others), generator=gen)[:k]]
+            batch[b, :k] = self.features(chosen)
+            mask[b, :k] = True
+        return batch, mask
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        save_file({"text": self.text, "image_0": self.image_0, "image_1": self.image_1, "label": self.label,
+                   "user_index": self.user_index}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ContextBank:
+        return cls(**load_file(str(path)))
+
+
+def build_context_bank(cache, backbone, data_path, tie_policy: str, backbone_name: str, batch_size: int = 128,
+                       progress: bool = True) -> ContextBank:
+    """Embed every pair of the data with the frozen backbone once; stored beside the latent cache."""
+    safe = "".join(c if c.isalnum() else "_" for c in backbone_name)[-80:]
+    path = Path(cache.path) / f"context-{safe}.safetensors"
+    if path.exists():
+        return ContextBank.load(path)
+    users = {u: i for i, u in enumerate(cache.users)}
+    text, im0, im1, label, user = [], [], [], [], []
+    pending: list = []
+
+    def flush():
+        text.append(backbone.embed_texts([p.prompt for p in pending]))
+        im0.append(backbone.embed_images([p.image_0 for p in pending]))
+        im1.append(backbone.embed_images([p.image_1 for p in pending]))
+        label.extend(p.label for p in pending)
+        user.extend(users[p.user_id] for p in pending)
+        pending.clear()
+
+    # Same reader and tie policy as the latent cache, so row i here is row i there (checked below).
+    for pair in tqdm(iter_preferences(data_path, tie_policy=tie_policy, progress=False), total=len(cache),
+                     desc="embed context", disable=not progress, dynamic_ncols=True):
+        pending.append(pair)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    bank = ContextBank(torch.cat(text).float().cpu(), torch.cat(im0).float().cpu(), torch.cat(im1).float().cpu(),
+                       torch.tensor(label, dtype=torch.float32), torch.tensor(user, dtype=torch.long))
+    if len(bank.label) != len(cache):
+        raise RuntimeError(f"context bank has {len(bank.label)} pairs but the latent cache {len(cache)}: "
+                           "the data changed while training started; delete the cache and rerun")
+    for i in (0, len(cache) - 1):
+        if int(cache[i]["user_index"]) != int(bank.user_index[i]):
+            raise RuntimeError("context bank and latent cache disagree on row order; delete the cache and rerun")
+    bank.save(path)
+    return bank

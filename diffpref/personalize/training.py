@@ -1,0 +1,65 @@
+"""PPD inside the shared trainer: user tokens from few-shot context, the base model as reference.
+
+``PPDConditioner`` is the only PPD-specific piece of a training step. It appends each sample's
+user tokens to the text conditioning (the encoder reads k of that user's *other* pairs, k varying
+per sample; some samples get no user at all), and gives the reference pass the same conditioning
+with the user removed, which is exactly the frozen base model. The objective is then plain
+Diffusion-DPO (Dang et al., CVPR 2025, sec. 3: DPO with eps conditioned on (c, u)).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffpref.personalize.adapter import save_ppd_adapter
+from diffpref.personalize.attention import concat_user_tokens, install_user_attention
+from diffpref.personalize.context import ContextBank, build_context_bank
+from diffpref.personalize.encoder import UserEncoder
+from diffpref.training import randomness
+
+
+class PPDConditioner:
+    def __init__(self, cfg, encoder: UserEncoder, bank: ContextBank, num_tokens: int, users: list[str]):
+        self.cfg, self.encoder, self.bank, self.num_tokens, self.users = cfg, encoder, bank, num_tokens, users
+
+    @classmethod
+    def build(cls, cfg, unet, cache, accelerator) -> PPDConditioner:
+        from diffpref.personalize.backbones import OpenClipBackbone
+
+        backbone_path = None if cfg.ppd_backbone in ("embedded", "embedded-clip") else cfg.ppd_backbone
+        with accelerator.main_process_first():
+            backbone = OpenClipBackbone.from_pretrained(backbone_path, device=str(accelerator.device))
+            bank = build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone,
+                                      progress=accelerator.is_local_main_process)
+        del backbone  # frozen and fully cached: training never runs it
+        blocks = "all" if cfg.ppd_blocks == "all" else [b.strip() for b in cfg.ppd_blocks.split(",") if b.strip()]
+        # The base is frozen before installing, so only the new user projections require grad.
+        install_user_attention(unet, cfg.ppd_num_tokens, blocks=blocks)
+        encoder = UserEncoder(feature_dim=bank.feature_dim, num_tokens=cfg.ppd_num_tokens,
+                              token_dim=int(unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
+                              layers=cfg.ppd_layers, heads=cfg.ppd_heads).to(accelerator.device)
+        encoder.train()
+        return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
+
+    def condition(self, prompt_embeds: torch.Tensor, indices: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        features, mask = self.bank.sample_context(indices, generators, self.cfg.ppd_shots_min, self.cfg.ppd_shots_max)
+        tokens = self.encoder(features.to(prompt_embeds.device), mask.to(prompt_embeds.device))
+        keep = randomness.per_sample_uniform(generators) >= self.cfg.ppd_user_dropout
+        tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)  # zero tokens = no user
+        return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens)
+
+    def without_user(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return concat_user_tokens(prompt_embeds[:, :-self.num_tokens], None, self.num_tokens)
+
+    def export(self, unet, output_dir: Path) -> Path:
+        encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
+        config = {
+            "num_tokens": self.num_tokens, "blocks": self.cfg.ppd_blocks if self.cfg.ppd_blocks == "all"
+            else [b.strip() for b in self.cfg.ppd_blocks.split(",")],
+            "backbone": self.cfg.ppd_backbone, "backbone_kind": "open_clip", "token_dim": int(unet.config.cross_attention_dim),
+            "feature_dim": self.bank.feature_dim, "base_model": self.cfg.model, "shots": [self.cfg.ppd_shots_min, self.cfg.ppd_shots_max],
+            "trained_users": self.users,
+        }
+        return save_ppd_adapter(output_dir, encoder, unet, config)

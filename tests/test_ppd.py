@@ -1,0 +1,153 @@
+"""PPD end to end on tiny models: training, the adapter, PersonalizedPipeline, users and mixing."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffpref.models.world_clip import build_world_clip, save_world_clip
+from diffpref.personalize.backbones import UserExample
+from diffpref.training.config import TrainConfig
+from diffpref.training.trainer import train
+from diffpref.world.render import render, sample_attributes
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_world_clip(build_world_clip(), tmp_path_factory.mktemp("clip") / "world-clip")
+
+
+@pytest.fixture(scope="module")
+def multi_user_manifest(tmp_path_factory):
+    """3 users x 4 pairs; user u prefers colour u."""
+    root = tmp_path_factory.mktemp("ppd_pairs")
+    rng = np.random.default_rng(0)
+    colors = ["red", "blue", "green"]
+    lines = []
+    for u, liked in enumerate(colors):
+        for i in range(4):
+            other = colors[(u + 1 + i) % 3] if colors[(u + 1 + i) % 3] != liked else colors[(u + 2) % 3]
+            render(sample_attributes(rng, color=liked)).save(root / f"{u}_{i}_a.png")
+            render(sample_attributes(rng, color=other)).save(root / f"{u}_{i}_b.png")
+            lines.append({"prompt": "a shape", "image_0": f"{u}_{i}_a.png", "image_1": f"{u}_{i}_b.png",
+                          "label": 1.0, "user_id": f"user{u}"})
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _ppd_cfg(tmp_path, model_dir, data, clip_dir, **kw):
+    base = dict(method="ppd", model=str(model_dir), data_path=str(data), output_dir=str(tmp_path / "out"),
+                max_train_steps=3, train_batch_size=4, learning_rate=1e-2, lora_rank=0, checkpointing_steps=2,
+                report_to="none", cache_dir=str(tmp_path / "cache"), ppd_backbone=str(clip_dir), ppd_num_tokens=2,
+                ppd_shots_max=3, ppd_hidden=16, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tmp_path_factory, tiny_sd15_dir, multi_user_manifest, clip_dir):
+    tmp = tmp_path_factory.mktemp("ppd_run")
+    summary = train(_ppd_cfg(tmp, tiny_sd15_dir, multi_user_manifest, clip_dir))
+    return tmp / "out", summary
+
+
+def test_ppd_training_exports_an_adapter_and_leaves_the_base_alone(trained_adapter):
+    from safetensors.torch import load_file
+
+    out, summary = trained_adapter
+    assert summary["steps"] == 3 and np.isfinite(summary["final"]["loss"])
+    config = json.loads((out / "ppd_config.json").read_text())
+    assert config["num_tokens"] == 2 and config["trained_users"] == ["user0", "user1", "user2"]
+    state = load_file(str(out / "user_attention.safetensors"))
+    assert state and all("_user" in k for k in state)
+    assert (out / "user_encoder" / "config.json").exists()
+    assert not (out / "unet").exists() and not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_ppd_resume_is_exact(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, trained_adapter):
+    from safetensors.torch import load_file
+
+    train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, max_train_steps=2))
+    train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, resume_from="latest"))
+    straight, resumed = trained_adapter[0], tmp_path / "out"
+    a, b = load_file(str(straight / "user_attention.safetensors")), load_file(str(resumed / "user_attention.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    ea = load_file(str(straight / "user_encoder" / "diffusion_pytorch_model.safetensors"))
+    eb = load_file(str(resumed / "user_encoder" / "diffusion_pytorch_model.safetensors"))
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=0)
+
+
+def _examples(rng, color, k):
+    return [UserExample("a shape", render(sample_attributes(rng, color=color)), render(sample_attributes(rng, color="yellow")))
+            for _ in range(k)]
+
+
+@pytest.fixture(scope="module")
+def personalized(trained_adapter, tiny_sd15_dir, clip_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from diffpref.personalize.backbones import OpenClipBackbone
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    pipe = PersonalizedPipeline.from_base(base, trained_adapter[0], backbone=OpenClipBackbone.from_pretrained(clip_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, **kw):
+    return pipe("a shape", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+
+def test_no_user_or_zero_scale_is_exactly_the_base(personalized, tiny_sd15_dir):
+    from diffusers import StableDiffusionPipeline
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    base.set_progress_bar_config(disable=True)
+    expected = base("a shape", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    rng = np.random.default_rng(1)
+    np.testing.assert_array_equal(_run(personalized), expected)
+    np.testing.assert_array_equal(_run(personalized, user_examples=_examples(rng, "red", 2), user_scale=0.0), expected)
+
+
+def test_users_change_images_and_order_of_examples_does_not(personalized):
+    rng = np.random.default_rng(2)
+    red = _examples(rng, "red", 3)
+    blue = _examples(rng, "blue", 3)
+    a = _run(personalized, user_examples=red)
+    assert not np.array_equal(a, _run(personalized))
+    np.testing.assert_allclose(_run(personalized, user_examples=red[::-1]), a, atol=1e-5)
+    tokens_red, tokens_blue = personalized.embed_user(red), personalized.embed_user(blue)
+    assert not torch.allclose(tokens_red, tokens_blue)
+    np.testing.assert_allclose(_run(personalized, user_embedding=tokens_red), a, atol=1e-5)
+
+
+def test_bad_user_inputs_are_refused(personalized):
+    with pytest.raises(ValueError, match="not both"):
+        _run(personalized, user_examples=_examples(np.random.default_rng(0), "red", 1), user_embedding=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="empty"):
+        _run(personalized, user_examples=[])
+    with pytest.raises(ValueError, match="expects"):
+        _run(personalized, user_embedding=torch.zeros(3, 5))
+
+
+def test_save_and_load_the_personalized_pipeline(personalized, tmp_path, clip_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from diffpref.personalize.backbones import OpenClipBackbone
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+
+    tokens = personalized.embed_user(_examples(np.random.default_rng(3), "green", 2))
+    expected = _run(personalized, user_embedding=tokens, user_scale=0.7)
+    personalized.save_pretrained(tmp_path / "pp")
+    loaded = PersonalizedPipeline.from_pretrained(tmp_path / "pp")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(_run(loaded, user_embedding=tokens, user_scale=0.7), expected, atol=1e-5)
+    # The UNet folder inside stays a stock UNet that plain diffusers loads.
+    StableDiffusionPipeline.from_pretrained(tmp_path / "pp")
