@@ -37,17 +37,68 @@ def cmd_info(args) -> int:
 
 # ----------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
-    from diffpref.generate import EMBEDDED_STEPS, generate_to_folder, plan_jobs, read_prompts
+    import torch
+    from accelerate import PartialState
+
+    from diffpref.generate import EMBEDDED_STEPS, contact_sheets, generate_to_folder, merge_metadata, plan_jobs, read_prompts
     from diffpref.models.loading import load_pipeline
 
     prompts = read_prompts(args.prompts)
-    pipe = load_pipeline(args.model, device=args.device, attention=args.attention)
+    # One process or many (accelerate launch / torchrun): each process takes its share of the images.
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState only looks for a multi-process CPU launch when told it runs on CPU.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    device = args.device or str(state.device)
+    pipe = load_pipeline(args.model, device=device, attention=args.attention)
     steps = args.steps or (EMBEDDED_STEPS if args.model == "embedded" else 50)
+    user_tokens, users, extra = None, [None], {}
+    if args.users or args.mix:
+        from diffpref.personalize.pipeline import PersonalizedPipeline
+        from diffpref.personalize.users_file import apply_mix, load_generation_users
+
+        if not args.users:
+            raise ValueError("--mix needs --users FILE naming the users to mix")
+        pipe = PersonalizedPipeline.from_base(pipe, args.adapter)
+        pipe.set_progress_bar_config(disable=True)
+        user_tokens = load_generation_users(args.users, pipe)
+        if args.mix:
+            name, tokens = apply_mix(user_tokens, args.mix)
+            user_tokens = {name: tokens}
+        users = sorted(user_tokens)
+        extra = {"adapter": str(args.adapter)}
     summary = generate_to_folder(
-        pipe, plan_jobs(prompts, args.num_images, args.seed), args.out, batch_size=args.batch_size, steps=steps,
-        guidance_scale=args.guidance_scale, model_name=args.model,
+        pipe, plan_jobs(prompts, args.num_images, args.seed, users), args.out, batch_size=args.batch_size, steps=steps,
+        guidance_scale=args.guidance_scale, model_name=args.model, user_tokens=user_tokens, user_scale=args.user_scale,
+        extra_metadata=extra, progress=state.is_local_main_process, process_index=state.process_index,
+        num_processes=state.num_processes,
     )
-    print(json.dumps(summary))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if state.num_processes > 1:
+            merge_metadata(args.out)
+        summary["contact_sheets"] = [str(p) for p in contact_sheets(args.out)]
+        summary["processes"] = state.num_processes
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_user_embed(args) -> int:
+    from diffpref.data.readers import read_jsonl_manifest
+    from diffpref.models.loading import load_pipeline
+    from diffpref.personalize.backbones import UserExample
+    from diffpref.personalize.encoder import save_user_embedding
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+
+    result = read_jsonl_manifest(args.examples, tie_policy="drop", strict=True)
+    examples = [UserExample(p.prompt, p.preferred, p.rejected) for p in result.pairs]
+    if not examples:
+        raise ValueError(f"{args.examples} holds no decided pair to learn a taste from")
+    pipe = PersonalizedPipeline.from_base(load_pipeline(args.model, device=args.device), args.adapter)
+    tokens = pipe.embed_user(examples)
+    path = save_user_embedding(args.out, tokens, {"adapter": str(args.adapter), "model": args.model,
+                                                  "examples": len(examples), "source": str(args.examples)})
+    print(json.dumps({"out": str(path), "examples": len(examples), "shape": list(tokens.shape)}))
     return 0
 
 
@@ -84,8 +135,24 @@ def cmd_world_make_data(args) -> int:
     return 0
 
 
+def _is_ppd_adapter(adapter) -> bool:
+    from pathlib import Path
+
+    return adapter in ("embedded-ppd",) or (adapter is not None and (Path(adapter) / "ppd_config.json").exists())
+
+
 def cmd_world_eval(args) -> int:
-    if args.adapter or args.users:
+    if _is_ppd_adapter(args.adapter) or args.shots is not None:
+        from diffpref.personalize.world_eval import evaluate_ppd
+
+        if not args.users:
+            raise ValueError("PPD evaluation needs --users FILE: the simulated users to personalize for")
+        result = evaluate_ppd(args.model, adapter=args.adapter or "embedded-ppd", users=args.users,
+                              shots=args.shots if args.shots is not None else 4,
+                              num_prompts=args.prompts if args.prompts is not None else 200, seed=args.seed,
+                              steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                              user_scale=args.user_scale, progress=not args.json)
+    elif args.adapter or args.users:
         from diffpref.world.preference_eval import evaluate_preference
 
         if not args.users:
@@ -139,7 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    p.add_argument("--users", default=None, help="JSON list of users (examples or saved embeddings): personalized images")
+    p.add_argument("--adapter", default="embedded-ppd", help="PPD adapter folder used with --users")
+    p.add_argument("--user-scale", type=float, default=1.0, help="strength of the personalization (0 = base model)")
+    p.add_argument("--mix", default=None, help="interpolate users' embeddings, e.g. alice:0.7,bob:0.3")
     p.set_defaults(func=cmd_generate)
+
+    user = sub.add_parser("user", help="user embeddings").add_subparsers(dest="user_command", required=True)
+    p = user.add_parser("embed", help="save a user's embedding from a JSONL manifest of their choices")
+    p.add_argument("--examples", required=True, help="JSONL manifest: prompt, image_0, image_1, label per line")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--adapter", default="embedded-ppd")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_user_embed)
 
     p = sub.add_parser("train", help="preference fine-tuning (same code as `accelerate launch train/train.py`)")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -172,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="embedded")
     p.add_argument("--prompts", type=int, default=None,
                    help="number of generations (default 240 for adherence, 200 prompt x seed pairs with --adapter)")
-    p.add_argument("--adapter", default=None, help="a trained LoRA folder or UNet folder to compare against the base")
+    p.add_argument("--adapter", default=None,
+                   help="a trained LoRA or UNet folder, or a PPD adapter ('embedded-ppd' or a folder), to compare with the base")
+    p.add_argument("--shots", type=int, default=None, help="PPD: example pairs per user (default 4)")
+    p.add_argument("--user-scale", type=float, default=1.0, help="PPD: personalization strength")
     p.add_argument("--users", default=None, help="JSON list of world users whose oracle rewards judge tuned vs base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_world_eval)
     return parser

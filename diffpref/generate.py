@@ -29,10 +29,12 @@ class GenerationJob:
     prompt: str
     seed: int
     prompt_index: int
+    user: str | None = None  # a personalized job; None = the base model
 
     @property
     def filename(self) -> str:
-        return f"{self.prompt_index:05d}_s{self.seed}.png"
+        name = f"{self.prompt_index:05d}_s{self.seed}.png"
+        return f"{self.user}/{name}" if self.user else name
 
 
 def default_guidance(pipe) -> float:
@@ -85,14 +87,15 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
-def plan_jobs(prompts: Sequence[str], num_images: int, seed: int) -> list[GenerationJob]:
-    return [GenerationJob(p, seed + j, i) for i, p in enumerate(prompts) for j in range(num_images)]
+def plan_jobs(prompts: Sequence[str], num_images: int, seed: int, users: Sequence[str | None] = (None,)) -> list[GenerationJob]:
+    """prompts x users x seeds; image j of a prompt uses seed + j for every user (so users compare directly)."""
+    return [GenerationJob(p, seed + j, i, u) for u in users for i, p in enumerate(prompts) for j in range(num_images)]
 
 
-def _done_files(metadata_path: Path, out_dir: Path) -> set[str]:
-    """Files recorded in metadata.jsonl whose image exists; a torn last line (crash mid-write) is ignored."""
+def _done_files(out_dir: Path) -> set[str]:
+    """Files recorded in any metadata*.jsonl whose image exists; a torn last line (crash mid-write) is ignored."""
     done = set()
-    if metadata_path.exists():
+    for metadata_path in sorted(out_dir.glob("metadata*.jsonl")):
         for line in metadata_path.read_text().splitlines():
             try:
                 row = json.loads(line)
@@ -110,26 +113,84 @@ def batched(items: Sequence, size: int) -> Iterable[Sequence]:
 
 def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.PathLike, batch_size: int = 8,
                        steps: int = EMBEDDED_STEPS, guidance_scale: float | None = None, model_name: str = "",
-                       progress: bool = True, extra_metadata: dict | None = None) -> dict:
-    """Write each job's PNG and one metadata.jsonl line; jobs already recorded are skipped."""
+                       progress: bool = True, extra_metadata: dict | None = None,
+                       user_tokens: dict[str, torch.Tensor] | None = None, user_scale: float = 1.0,
+                       process_index: int = 0, num_processes: int = 1) -> dict:
+    """Write each job's PNG and one metadata line; jobs already recorded are skipped.
+
+    With several processes, each takes every ``num_processes``-th pending job and writes its own
+    ``metadata.rank{i}.jsonl``; ``merge_metadata`` folds them into ``metadata.jsonl`` afterwards.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metadata_path = out / "metadata.jsonl"
-    done = _done_files(metadata_path, out)
+    done = _done_files(out)
     todo = [job for job in jobs if job.filename not in done]
+    mine = todo[process_index::num_processes]
+    metadata_path = out / ("metadata.jsonl" if num_processes == 1 else f"metadata.rank{process_index}.jsonl")
     guidance = default_guidance(pipe) if guidance_scale is None else guidance_scale
-    with metadata_path.open("a") as meta, tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate",
-                                               unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in batched(todo, batch_size):
-            images = generate_images(pipe, [j.prompt for j in batch], [j.seed for j in batch], steps, guidance)
+    with metadata_path.open("a") as meta, tqdm(total=len(mine), desc="generate", unit="img",
+                                               disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batched(mine, batch_size):
+            kwargs = {}
+            if any(job.user for job in batch):
+                kwargs = {"user_embedding": torch.stack([user_tokens[job.user] for job in batch]), "user_scale": user_scale}
+            images = generate_images(pipe, [j.prompt for j in batch], [j.seed for j in batch], steps, guidance, **kwargs)
             for job, image in zip(batch, images):
-                tmp = out / (job.filename + ".tmp")
+                target = out / job.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".tmp")
                 Image.fromarray(image).save(tmp, format="PNG")
-                tmp.replace(out / job.filename)  # the image is whole before its metadata line exists
+                tmp.replace(target)  # the image is whole before its metadata line exists
                 row = {"file": job.filename, **asdict(job), "steps": steps, "guidance_scale": guidance,
                        "model": model_name, "height": int(image.shape[0]), "width": int(image.shape[1]),
-                       **(extra_metadata or {})}
+                       **({"user_scale": user_scale} if job.user else {}), **(extra_metadata or {})}
                 meta.write(json.dumps(row) + "\n")
                 meta.flush()
             bar.update(len(batch))
-    return {"out_dir": str(out), "images": len(jobs), "generated": len(todo), "skipped_existing": len(jobs) - len(todo)}
+    return {"out_dir": str(out), "images": len(jobs), "generated": len(mine), "skipped_existing": len(jobs) - len(todo)}
+
+
+def merge_metadata(out_dir: str | os.PathLike) -> int:
+    """Fold per-process metadata.rank*.jsonl files into metadata.jsonl (each file once); returns the line count."""
+    out = Path(out_dir)
+    main_file = out / "metadata.jsonl"
+    seen = set()
+    lines = []
+    for path in [main_file, *sorted(out.glob("metadata.rank*.jsonl"))]:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row["file"] not in seen and (out / row["file"]).exists():
+                seen.add(row["file"])
+                lines.append(json.dumps(row))
+    tmp = main_file.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(main_file)
+    for path in out.glob("metadata.rank*.jsonl"):
+        path.unlink()
+    return len(lines)
+
+
+def contact_sheets(out_dir: str | os.PathLike, columns: int = 8, max_images: int = 64) -> list[Path]:
+    """One PNG grid per user folder (and one for base images at the top level)."""
+    out = Path(out_dir)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row.get("user") or "base", []).append(row["file"])
+    sheets = []
+    for user, files in sorted(groups.items()):
+        images = [Image.open(out / f).convert("RGB") for f in sorted(files)[:max_images]]
+        w, h = images[0].size
+        cols = min(columns, len(images))
+        sheet = Image.new("RGB", (cols * w, -(-len(images) // cols) * h), "white")
+        for i, image in enumerate(images):
+            sheet.paste(image, ((i % cols) * w, (i // cols) * h))
+        path = out / f"contact_{user}.png"
+        sheet.save(path)
+        sheets.append(path)
+    return sheets

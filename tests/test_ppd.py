@@ -151,3 +151,78 @@ def test_save_and_load_the_personalized_pipeline(personalized, tmp_path, clip_di
     np.testing.assert_allclose(_run(loaded, user_embedding=tokens, user_scale=0.7), expected, atol=1e-5)
     # The UNet folder inside stays a stock UNet that plain diffusers loads.
     StableDiffusionPipeline.from_pretrained(tmp_path / "pp")
+
+
+def _write_user_examples(root: Path, name: str, color: str, k: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(k):
+        render(sample_attributes(rng, color=color)).save(root / f"{name}_{i}_a.png")
+        render(sample_attributes(rng, color="yellow")).save(root / f"{name}_{i}_b.png")
+        rows.append({"prompt": "a shape", "image_0": f"{name}_{i}_a.png", "image_1": f"{name}_{i}_b.png", "label": 1})
+    return rows
+
+
+def test_cli_user_embed_and_personalized_batch_generation(tmp_path, trained_adapter, tiny_sd15_dir, clip_dir, capsys):
+    from diffpref.cli import main
+    from diffpref.personalize.encoder import load_user_embedding
+
+    adapter = trained_adapter[0]
+    # The adapter's backbone is the test CLIP saved in a tmp folder; point its config there.
+    config = json.loads((adapter / "ppd_config.json").read_text())
+    assert config["backbone"] == str(clip_dir)
+    alice = _write_user_examples(tmp_path, "alice", "red", 3, 0)
+    manifest = tmp_path / "bob.jsonl"
+    manifest.write_text("".join(json.dumps({**r, "user_id": "bob"}) + "\n" for r in _write_user_examples(tmp_path, "bob", "blue", 2, 1)))
+    assert main(["user", "embed", "--examples", str(manifest), "--out", str(tmp_path / "bob.safetensors"),
+                 "--adapter", str(adapter), "--model", str(tiny_sd15_dir), "--device", "cpu"]) == 0
+    tokens, meta = load_user_embedding(tmp_path / "bob.safetensors")
+    assert tokens.shape == (2, 16) and meta["examples"] == 2
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps([{"user_id": "alice", "examples": alice}, {"user_id": "bob", "embedding": "bob.safetensors"}]))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a star\na circle\n")
+    out = tmp_path / "gen"
+    args = ["generate", "--prompts", str(prompts), "--out", str(out), "--model", str(tiny_sd15_dir), "--users", str(users),
+            "--adapter", str(adapter), "--num-images", "2", "--steps", "2", "--device", "cpu", "--batch-size", "3"]
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["images"] == 2 * 2 * 2
+    assert {r["user"] for r in rows} == {"alice", "bob"} and all(r["adapter"] == str(adapter) for r in rows)
+    assert all((out / r["file"]).exists() and r["file"].startswith(r["user"] + "/") for r in rows)
+    assert (out / "contact_alice.png").exists() and (out / "contact_bob.png").exists()
+    assert main(args) == 0  # resumable: nothing left to do
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generated"] == 0
+    # Interpolation between the two users.
+    assert main(["generate", "--prompts", str(prompts), "--out", str(tmp_path / "mix"), "--model", str(tiny_sd15_dir),
+                 "--users", str(users), "--adapter", str(adapter), "--mix", "alice:0.7,bob:0.3", "--steps", "2",
+                 "--device", "cpu"]) == 0
+    assert {json.loads(l)["user"] for l in (tmp_path / "mix" / "metadata.jsonl").read_text().splitlines()} == {"mix_alice0.7_bob0.3"}  # noqa: E741
+    assert main(["generate", "--prompts", str(prompts), "--out", str(tmp_path / "bad"), "--model", str(tiny_sd15_dir),
+                 "--users", str(users), "--adapter", str(adapter), "--mix", "carol:1", "--device", "cpu"]) == 2
+    assert "unknown users" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_personalized_generation_splits_over_two_processes(tmp_path, trained_adapter, tiny_sd15_dir):
+    """torchrun with 2 CPU processes: every image is written exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps([{"user_id": "alice", "examples": _write_user_examples(tmp_path, "alice", "red", 2, 0)}]))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a star\na circle\na square\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                    "-m", "diffpref.cli", "generate", "--prompts", str(prompts), "--out", str(tmp_path / "gen"),
+                    "--model", str(tiny_sd15_dir), "--users", str(users), "--adapter", str(trained_adapter[0]),
+                    "--num-images", "3", "--steps", "2", "--device", "cpu"], check=True, env=env)
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "metadata.jsonl").read_text().splitlines()]
+    files = [r["file"] for r in rows]
+    assert len(files) == len(set(files)) == 9
+    assert not list((tmp_path / "gen").glob("metadata.rank*.jsonl"))

@@ -54,6 +54,7 @@ class PersonalizedPipeline(StableDiffusionPipeline):
         pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
                    scheduler=base.scheduler, user_encoder=encoder)
         pipe.ppd_config, pipe._backbone = config, backbone
+        pipe.register_to_config(_name_or_path=getattr(base, "name_or_path", ""))  # keeps model-specific defaults
         guard_xformers_switch(pipe)
         return pipe
 
