@@ -116,6 +116,21 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_data_export(args) -> int:
+    from pathlib import Path
+
+    from diffpref.app.store import RatingStore
+
+    if not Path(args.db).is_file():  # opening a store creates it: never export a fresh empty one
+        raise FileNotFoundError(f"no such ratings database: {args.db}")
+    with RatingStore(args.db) as store:
+        summary = {"pairs": store.export_pickapic(args.out)}
+        if args.likes_out:
+            summary["likes"] = store.export_likes(args.likes_out)
+    print(json.dumps(summary))
+    return 0
+
+
 # ----------------------------------------------------------------------------- world
 def cmd_world_make_data(args) -> int:
     import numpy as np
@@ -228,11 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="preference data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="count usable pairs, users, ties and skipped rows of a data file")
-    p.add_argument("file", help="Pick-a-Pic parquet (file, folder or glob) or JSONL manifest")
+    p.add_argument("file", help="Pick-a-Pic parquet (file, folder or glob), JSONL manifest or ratings database")
     p.add_argument("--json", action="store_true")
     p.add_argument("--tie-policy", default="drop", choices=["drop", "soft"])
     p.add_argument("--strict", action="store_true", help="stop at the first bad row instead of counting skips")
     p.set_defaults(func=cmd_data_inspect)
+    p = data.add_parser("export", help="write the rating app's database as Pick-a-Pic parquet (+ likes as JSONL)")
+    p.add_argument("--db", required=True, help="the app's ratings database (.db / .sqlite)")
+    p.add_argument("--out", required=True, help="output .parquet: every decided and tie rating (skips left out)")
+    p.add_argument("--likes-out", default=None, help="folder for single-image likes: ratings.jsonl + images/")
+    p.set_defaults(func=cmd_data_export)
 
     world = sub.add_parser("world", help="the synthetic preference world").add_subparsers(dest="world_command", required=True)
     p = world.add_parser("make-data", help="Pick-a-Pic-schema preference data labelled by simulated users")

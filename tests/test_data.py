@@ -385,8 +385,8 @@ def test_load_preferences_dispatch_errors(tmp_path: Path) -> None:
         load_preferences(tmp_path / "absent.parquet")
     with pytest.raises(FileNotFoundError):
         load_preferences(tmp_path)  # a directory without parquet files
-    with pytest.raises(NotImplementedError):
-        load_preferences(tmp_path / "ratings.sqlite")
+    with pytest.raises(FileNotFoundError):
+        load_preferences(tmp_path / "ratings.sqlite")  # routed to the ratings database reader
 
 
 # --------------------------------------------------------------------------- JSONL manifests

@@ -1,4 +1,4 @@
-"""Preference data: records, image validation, readers (Pick-a-Pic parquet, JSONL) and a summary."""
+"""Preference data: records, image validation, readers (Pick-a-Pic parquet, JSONL, ratings DB), a summary."""
 
 from diffpref.data.errors import SKIP_REASONS, DataError, ImageRejected
 from diffpref.data.images import DEFAULT_MAX_PIXELS, decode_image, to_rgb
@@ -9,6 +9,7 @@ from diffpref.data.readers import (
     iter_jsonl_ratings,
     iter_pickapic,
     iter_preferences,
+    iter_ratings_db,
     load_preferences,
     read_jsonl_manifest,
     read_jsonl_ratings,
@@ -34,6 +35,7 @@ __all__ = [
     "iter_jsonl_ratings",
     "iter_pickapic",
     "iter_preferences",
+    "iter_ratings_db",
     "load_preferences",
     "pairs_to_ratings",
     "read_jsonl_manifest",

@@ -5,7 +5,7 @@ Supported sources:
     (``read_pickapic`` / ``iter_pickapic``);
   * JSONL manifests with images on disk (``read_jsonl_manifest`` for pairs,
     ``read_jsonl_ratings`` for single-image likes/dislikes);
-  * a ratings database (``read_ratings_db``): a hook only, see its docstring.
+  * the rating app's SQLite database (``read_ratings_db`` / ``iter_ratings_db``).
 
 ``load_preferences`` / ``iter_preferences`` pick the reader from the path.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from diffpref.data.loading import LoadResult, LoadStats, RatingsResult, TIE_POLICIES
 from diffpref.data.manifest import iter_jsonl_manifest, iter_jsonl_ratings, read_jsonl_manifest, read_jsonl_ratings
 from diffpref.data.pickapic import iter_pickapic, read_pickapic
+from diffpref.data.ratings_db import iter_ratings_db, read_ratings_db
 from diffpref.data.records import PreferencePair
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "iter_jsonl_ratings",
     "iter_pickapic",
     "iter_preferences",
+    "iter_ratings_db",
     "load_preferences",
     "read_jsonl_manifest",
     "read_jsonl_ratings",
@@ -45,24 +47,8 @@ RATINGS_DB_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 
 SUPPORTED_FORMATS = (
     "a .parquet file, a directory or glob of .parquet files (Pick-a-Pic v2 schema), "
-    "or a .jsonl manifest of preference pairs"
+    "a .jsonl manifest of preference pairs, or a ratings database (.sqlite, .sqlite3, .db)"
 )
-
-
-def read_ratings_db(path: str | os.PathLike, **kwargs: Any) -> LoadResult:
-    """Hook for the ratings database reader (the store behind the rating UI); not implemented yet.
-
-    Contract for the implementation: accept the same keyword arguments as
-    ``read_pickapic`` (tie_policy, strict, max_pixels, limit, progress), return a
-    ``LoadResult`` whose skip counts use the keys of ``errors.SKIP_REASONS``, and
-    provide a matching ``iter_ratings_db(..., stats=LoadStats)`` so that
-    ``iter_preferences`` and ``inspect_preferences`` stream it too. Files with a
-    suffix in ``RATINGS_DB_SUFFIXES`` are already routed here.
-    """
-    raise NotImplementedError(
-        f"{path}: reading a ratings database is not supported yet; export it as a JSONL manifest "
-        "or Pick-a-Pic style parquet file instead"
-    )
 
 
 def _kind(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -110,5 +96,5 @@ def iter_preferences(
     if kind == "jsonl":
         return iter_jsonl_manifest(path, stats=stats, **kwargs)
     if kind == "ratings_db":
-        read_ratings_db(path, **kwargs)  # raises until the hook is implemented
+        return iter_ratings_db(path, stats=stats, **kwargs)
     return iter_pickapic(path, stats=stats, **kwargs)

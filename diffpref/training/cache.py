@@ -109,7 +109,8 @@ def _manifest_images(manifest: Path) -> list[Path]:
 
 
 def data_identity(data_path: PairSource) -> list[dict[str, Any]]:
-    """What identifies the data: every file read, and for JSONL manifests the images they point at."""
+    """What identifies the data: every file read, for JSONL manifests the images they point at, for a
+    ratings database its write-ahead log too."""
     if isinstance(data_path, (str, os.PathLike)) and Path(data_path).suffix.lower() == ".jsonl":
         manifest = Path(data_path).expanduser()
         identity = _file_identity(manifest)
@@ -120,6 +121,16 @@ def data_identity(data_path: PairSource) -> list[dict[str, Any]]:
             lines.append(f"{image.resolve()}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}")
         identity["images"] = len(lines)
         identity["images_sha256"] = _sha256(line.encode() + b"\n" for line in lines)
+        return [identity]
+    from diffpref.data.readers import RATINGS_DB_SUFFIXES
+
+    if isinstance(data_path, (str, os.PathLike)) and Path(data_path).suffix.lower() in RATINGS_DB_SUFFIXES:
+        database = Path(data_path).expanduser()
+        identity = _file_identity(database)
+        # In WAL mode new ratings land in "<db>-wal" and reach the main file only at a checkpoint.
+        # A missing and an empty WAL hold the same data (readers may leave an empty one behind).
+        wal = database.with_name(database.name + "-wal")
+        identity["wal"] = _file_identity(wal) if wal.is_file() and wal.stat().st_size else None
         return [identity]
     return [_file_identity(path) for path in resolve_parquet_paths(data_path)]
 

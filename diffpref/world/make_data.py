@@ -24,37 +24,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffpref.data.pickapic_writer import PICKAPIC_V2_SCHEMA  # noqa: F401  (re-exported: its old home)
+from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid, pickapic_schema
 from diffpref.world.captions import sample_prompt
 from diffpref.world.detector import Detection, detect_batch
 from diffpref.world.render import IMAGE_SIZE
 from diffpref.world.users import WorldUser, bradley_terry_choice, oracle_reward, save_users
 
-# The published Pick-a-Pic v2 columns (minus pandas' index column) and their arrow types, then
-# the world's own extras, which the Pick-a-Pic readers ignore.
-PICKAPIC_V2_SCHEMA = pa.schema([
-    ("are_different", pa.bool_()),
-    ("best_image_uid", pa.string()),
-    ("caption", pa.string()),
-    ("created_at", pa.timestamp("ns")),
-    ("has_label", pa.bool_()),
-    ("image_0_uid", pa.string()),
-    ("image_0_url", pa.string()),
-    ("image_1_uid", pa.string()),
-    ("image_1_url", pa.string()),
-    ("jpg_0", pa.binary()),
-    ("jpg_1", pa.binary()),
-    ("label_0", pa.float64()),
-    ("label_1", pa.float64()),
-    ("model_0", pa.string()),
-    ("model_1", pa.string()),
-    ("ranking_id", pa.int64()),
-    ("user_id", pa.int64()),
-    ("num_example_per_prompt", pa.int64()),
-])
+# The world's own extras after the Pick-a-Pic v2 columns; the Pick-a-Pic readers ignore them.
 WORLD_EXTRA_SCHEMA = pa.schema([
     ("world_user_id", pa.string()),
     ("seed_0", pa.int64()),
@@ -62,15 +42,13 @@ WORLD_EXTRA_SCHEMA = pa.schema([
     ("reward_0", pa.float64()),
     ("reward_1", pa.float64()),
 ])
-PAIRS_SCHEMA = pa.schema(list(PICKAPIC_V2_SCHEMA) + list(WORLD_EXTRA_SCHEMA))
+PAIRS_SCHEMA = pickapic_schema(WORLD_EXTRA_SCHEMA)
 
 # Seeds: pair p of user u gets seed + 2 * (u * SEED_STRIDE + p) + {0, 1}. The stride caps pairs per
 # user but makes seeds unique within a dataset and independent of pairs_per_user.
 SEED_STRIDE = 1 << 24
 # Fixed timestamps: wall-clock time would make two runs with the same seed differ.
 CREATED_AT_BASE = datetime(2024, 1, 1)
-# Rows buffered per parquet row group: memory stays flat however many pairs are made.
-ROWS_PER_GROUP = 1024
 _UID_NAMESPACE = uuid.UUID("6f1d2b0e-8c8e-4f55-9d0a-5b7a3c2e9f10")
 
 
@@ -169,11 +147,9 @@ def pair_row(job: PairJob, user: WorldUser, images: tuple[np.ndarray, np.ndarray
              prompt_counts: Counter) -> dict[str, Any]:
     """One Pick-a-Pic v2 row (plus world extras) for a labelled pair."""
     uids = (image_uid(model_name, job.caption, job.seed_0), image_uid(model_name, job.caption, job.seed_1))
-    # Pick-a-Pic leaves best_image_uid empty for ties.
-    best = uids[0] if label_0 > 0.5 else uids[1] if label_0 < 0.5 else ""
     return {
         "are_different": not np.array_equal(images[0], images[1]),
-        "best_image_uid": best,
+        "best_image_uid": best_image_uid(label_0, *uids),
         "caption": job.caption,
         "created_at": CREATED_AT_BASE + timedelta(seconds=job.row),
         "has_label": True,
@@ -197,11 +173,6 @@ def pair_row(job: PairJob, user: WorldUser, images: tuple[np.ndarray, np.ndarray
         "reward_0": float(oracle_reward(user, detections[0])),
         "reward_1": float(oracle_reward(user, detections[1])),
     }
-
-
-def _write_group(writer: pq.ParquetWriter, rows: list[dict[str, Any]]) -> None:
-    columns = {name: [row[name] for row in rows] for name in PAIRS_SCHEMA.names}
-    writer.write_table(pa.table(columns, schema=PAIRS_SCHEMA))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -231,13 +202,13 @@ def make_preference_data(out_dir: str | os.PathLike, users: list[WorldUser], pai
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parquet_path, users_path = out / "pairs.parquet", out / "users.json"
-    tmp_path = out / "pairs.parquet.tmp"
     # Image 2k of the flat list is image 0 of pair k, image 2k+1 its image 1.
     prompts = [job.caption for job in jobs for _ in range(2)]
     seeds = [s for job in jobs for s in (job.seed_0, job.seed_1)]
     batch_size += batch_size % 2  # whole pairs per pipeline call
-    ties, rows = 0, []
-    with pq.ParquetWriter(tmp_path, PAIRS_SCHEMA) as writer:
+    ties = 0
+    # The writer renames its .tmp file only when done: a crash never leaves a plausible half dataset.
+    with PickapicWriter(parquet_path, PAIRS_SCHEMA) as writer:
         for start, images in generate_in_batches(pipe, prompts, seeds, steps, guidance_scale, batch_size,
                                                  progress, desc="make-data"):
             detections = detect_batch(images)
@@ -248,15 +219,8 @@ def make_preference_data(out_dir: str | os.PathLike, users: list[WorldUser], pai
                 label = float(bradley_terry_choice(user, *pair_dets, temperature=temperature,
                                                    rng=pair_rng(seed, job.user_index, job.pair_index, 1)))
                 ties += label == 0.5
-                rows.append(pair_row(job, user, (images[k], images[k + 1]), pair_dets, label, model_name,
-                                     prompt_counts))
-            if len(rows) >= ROWS_PER_GROUP:
-                _write_group(writer, rows)
-                rows = []
-        if rows:
-            _write_group(writer, rows)
-    # Only a finished file gets the real name: a crash never leaves a plausible half dataset.
-    tmp_path.replace(parquet_path)
+                writer.write(pair_row(job, user, (images[k], images[k + 1]), pair_dets, label, model_name,
+                                      prompt_counts))
     save_users(users, users_path)
     return {"out_dir": str(out), "pairs": len(jobs), "users": len(users), "ties": int(ties),
             "parquet": str(parquet_path), "users_file": str(users_path)}
