@@ -178,8 +178,8 @@ def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
     assert cfg.max_train_steps == 7 and cfg.beta == 2500.5 and isinstance(cfg.beta, float)
 
 
-@pytest.mark.parametrize("name", ["embedded_dpo", "embedded_inpo", "embedded_kto", "embedded_mapo",
-                                  "sd15_dpo", "sd15_inpo", "sdxl_dpo", "sdxl_inpo"])
+@pytest.mark.parametrize("name", ["embedded_dpo", "embedded_inpo", "embedded_kto", "embedded_mapo", "embedded_ppd",
+                                  "sd15_dpo", "sd15_inpo", "sdxl_dpo", "sdxl_inpo", "sd15_ppd", "sdxl_ppd"])
 def test_shipped_configs_parse(name):
     cfg = load_config(TrainConfig, REPO / "configs" / f"{name}.yaml")
     assert cfg.method in name
