@@ -81,7 +81,10 @@ KEYBOARD_JS = """
 }
 """
 CSS = """
-#pair-left img, #pair-right img, #model-base img, #model-personalized img { image-rendering: pixelated; }
+#pair-left img, #pair-right img, #model-base img, #model-personalized img {
+  image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;
+}
+#recent img { image-rendering: pixelated; }
 #pair-prompt { text-align: center; font-size: 1.2em; }
 """
 

@@ -372,9 +372,16 @@ class RatingService:
         personalized, image_id = None, None
         if tokens is not None:
             personalized = Image.fromarray(self._generate([prompt], [seed], tokens, scale)[0])
-            image_id = self.store.add_image(user_id, prompt, to_png(personalized), f"{self.model_name}+ppd@{scale:.2f}", seed)
             with self._state_lock:
-                self._recent.setdefault(user_id, deque(maxlen=self.config.recent)).appendleft((image_id, prompt, seed, scale))
+                recent = self._recent.setdefault(user_id, deque(maxlen=self.config.recent))
+                key = (prompt, seed, scale, self._tokens[user_id][0])
+                # The same request again (e.g. a refresh with no new choice) is not a new generation.
+                image_id = recent[0][0] if recent and recent[0][4] == key else None
+            if image_id is None:
+                image_id = self.store.add_image(user_id, prompt, to_png(personalized),
+                                                f"{self.model_name}+ppd@{scale:.2f}", seed)
+                with self._state_lock:
+                    recent.appendleft((image_id, prompt, seed, scale, key))
         return {"base": base, "personalized": personalized, "image_id": image_id, "prompt": prompt, "seed": seed,
                 "user_scale": scale, "examples": 0 if tokens is None else min(self.config.max_examples,
                                                                                  self._decided(user_id))}
@@ -387,7 +394,7 @@ class RatingService:
         with self._state_lock:
             items = list(self._recent.get(user_id, ()))
         return [(from_png(self.store.get_image(user_id, image_id)), f"{prompt} (seed {seed}, scale {scale:g})")
-                for image_id, prompt, seed, scale in items]
+                for image_id, prompt, seed, scale, _ in items]
 
     def last_prompt(self, user_id: str) -> str | None:
         rated = self.store.ratings_for(user_id)
