@@ -225,6 +225,14 @@ def _add_app_parser(sub) -> None:
     p.set_defaults(func=cmd_app)
 
 
+def cmd_world_report(args) -> int:
+    from diffpref.world.report import write_report
+
+    path = write_report(args.results, args.out, grids=not args.no_grids)
+    print(json.dumps({"report": str(path)}))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffpref", description="Personalize text-to-image diffusion models from preferences.")
@@ -308,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_world_eval)
+
+    p = world.add_parser("report", help="markdown report with plots of the world experiments (bench/world_experiments.sh)")
+    p.add_argument("--results", default="outputs", help="folder the experiments wrote to")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-grids", action="store_true", help="skip the image grids (they need the PPD adapter)")
+    p.set_defaults(func=cmd_world_report)
 
     _add_app_parser(sub)
     return parser

@@ -1,0 +1,188 @@
+"""``diffpref world report``: the world experiments as a markdown page with plots.
+
+It reads what ``bench/world_experiments.sh`` left under ``--results`` (training histories,
+summaries and evaluation JSON) and writes ``report.md`` plus PNG plots and image grids. Nothing
+here invents a number: a missing result is reported as missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("dpo", "inpo", "kto", "mapo")
+USERS = ("red_large", "dark_small")
+SHOTS = (1, 2, 4, 8)
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plot(out: Path, name: str, draw) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
+
+
+def trainer_section(results: Path, out: Path) -> list[str]:
+    lines = ["## Single-user preference tuning (LoRA on the embedded model)", "",
+             "| method | user | steps | wall-clock (s) | win rate vs base | adherence | base adherence |",
+             "|---|---|---|---|---|---|---|"]
+    curves = {}
+    for method in METHODS:
+        for user in USERS:
+            summary = _read(results / f"{method}_{user}" / "summary.json")
+            if summary is None:
+                lines.append(f"| {method} | {user} | missing | | | | |")
+                continue
+            ev = summary.get("eval", {})
+            lines.append(f"| {method} | {user} | {summary['steps']} | {summary['wall_clock_s']} | "
+                         f"{ev.get('win_rate_vs_base', float('nan')):.3f} | {ev.get('adherence', float('nan')):.3f} | "
+                         f"{ev.get('base_adherence', float('nan')):.3f} |")
+            points = [(h["step"], h["win_rate_vs_base"]) for h in _history(results / f"{method}_{user}" / "history.jsonl")
+                      if "win_rate_vs_base" in h]
+            if ev:
+                points.append((summary["steps"], ev["win_rate_vs_base"]))
+            curves[(method, user)] = [(0, 0.5)] + points
+
+    def draw(ax):
+        for (method, user), points in curves.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=f"{method} / {user}", linestyle="-" if user == USERS[0] else "--")
+        ax.axhline(0.75, color="gray", linewidth=0.8)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("oracle win rate vs base")
+        ax.legend(fontsize=6)
+
+    if curves:
+        lines += ["", f"![win rate against steps]({_plot(out, 'win_rate_vs_steps.png', draw)})"]
+    lines += ["", _inpo_ratio(curves), ""]
+    return lines
+
+
+def _inpo_ratio(curves) -> str:
+    notes = []
+    for user in USERS:
+        dpo, inpo = curves.get(("dpo", user)), curves.get(("inpo", user))
+        if not dpo or not inpo:
+            continue
+        target = dpo[-1][1]
+        reached = next((step for step, wr in inpo if wr >= target and step > 0), None)
+        ratio = f"{reached / dpo[-1][0]:.2f}" if reached else "not reached"
+        notes.append(f"{user}: InPO reaches DPO's final win rate ({target:.3f} at step {dpo[-1][0]}) at step "
+                     f"{reached if reached else '-'} (step ratio {ratio}, evaluated every eval_every steps)")
+    return "; ".join(notes)
+
+
+def ppd_section(results: Path, out: Path) -> list[str]:
+    ev = results / "ppd_eval"
+    lines = ["## PPD: one model, personalized from K of a user's choices", "",
+             "| users | K | win rate vs base | adherence | base adherence | ranking accuracy |", "|---|---|---|---|---|---|"]
+    series = {}
+    for group in ("unseen", "seen"):
+        for k in SHOTS:
+            r = _read(ev / f"{group}_k{k}.json")
+            if r is None:
+                continue
+            series.setdefault(group, []).append((k, r["win_rate_vs_base"]))
+            lines.append(f"| {group} | {k} | {r['win_rate_vs_base']:.3f} | {r['adherence']:.3f} | "
+                         f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} |")
+    full = _read(ev / "unseen_k4_full.json")
+    if full:
+        lines.append(f"| unseen (200 prompts) | 4 | {full['win_rate_vs_base']:.3f} | {full['adherence']:.3f} | "
+                     f"{full['base_adherence']:.3f} | {full['ranking_accuracy']:.3f} |")
+
+    def draw(ax):
+        for group, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=f"{group} users")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shots K")
+        ax.set_ylabel("oracle win rate vs base")
+        ax.legend()
+
+    if series:
+        lines += ["", f"![win rate against shots]({_plot(out, 'ppd_shots.png', draw)})"]
+    gap = _read(ev / "dpo_users_k4.json")
+    if gap:
+        lines += ["", "Per-user DPO LoRA (upper bound, trained on 600 pairs of that user) vs PPD with 4 shots:", "",
+                  "| user | DPO LoRA | PPD K=4 | gap |", "|---|---|---|---|"]
+        for user in USERS:
+            dpo = _read(results / f"dpo_{user}" / "summary.json")
+            ppd = gap["per_user"].get(user, {}).get("win_rate")
+            if dpo and ppd is not None:
+                d = dpo["eval"]["win_rate_vs_base"]
+                lines.append(f"| {user} | {d:.3f} | {ppd:.3f} | {d - ppd:+.3f} |")
+    interp = _read(ev / "interpolation.json")
+    if interp:
+        a, b = interp["users"]
+
+        def draw_interp(ax):
+            mixes = [p["mix"] for p in interp["curve"]]
+            ax.plot(mixes, [p[a] for p in interp["curve"]], marker="o", label=f"{a}'s reward")
+            ax.plot(mixes, [p[b] for p in interp["curve"]], marker="o", label=f"{b}'s reward")
+            ax.set_xlabel(f"mix weight of {b}")
+            ax.set_ylabel("mean oracle reward")
+            ax.legend()
+
+        lines += ["", f"Interpolation {a} -> {b} (monotonic: {interp['monotonic']}):", "",
+                  f"![interpolation]({_plot(out, 'interpolation.png', draw_interp)})"]
+    return lines + [""]
+
+
+def write_report(results: str | Path, out: str | Path, grids: bool = True) -> Path:
+    results, out = Path(results), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# The world experiments", "",
+             "Produced by `bash bench/world_experiments.sh` then "
+             f"`diffpref world report --results {results} --out {out}`.", ""]
+    lines += trainer_section(results, out)
+    lines += ppd_section(results, out)
+    if grids and (results / "embedded_ppd" / "ppd_config.json").exists():
+        lines += grid_section(results, out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def grid_section(results: Path, out: Path, users=("red_large", "dark_small"), n: int = 8) -> list[str]:
+    """Base (top row) vs personalized (bottom row) generations of the same captions and seeds."""
+    from PIL import Image
+
+    from diffpref.models.loading import load_pipeline
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+    from diffpref.personalize.world_eval import _generate_personalized, as_examples, draw_pairs
+    from diffpref.world.preference_eval import eval_prompts, generate_all
+    from diffpref.world.users import load_users
+
+    pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), results / "embedded_ppd")
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = eval_prompts(n, 7)
+    base = generate_all(pipe, prompts, seeds, 20, None, n, False, "base")
+    lines = ["## Base (top) vs personalized with 4 shots (bottom)", ""]
+    for i, name in enumerate(users):
+        user = load_users(f"configs/users/{name}.json")[0]
+        tokens = pipe.embed_user(as_examples(draw_pairs(pipe, user, 4, 0, 20, None, user_salt=100 + i)))
+        tuned = _generate_personalized(pipe, prompts, seeds, tokens, 1.0, 20, None, n)
+        grid = np.concatenate([np.concatenate(list(base), axis=1), np.concatenate(list(tuned), axis=1)], axis=0)
+        Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / f"grid_{name}.png")
+        lines += [f"{name} ({user.weights}); captions: {', '.join(prompts)}", "", f"![{name}](grid_{name}.png)", ""]
+    return lines

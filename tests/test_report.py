@@ -1,0 +1,24 @@
+import json
+
+from diffpref.cli import main
+
+
+def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
+    results = tmp_path / "outputs"
+    run = results / "dpo_red_large"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 300, "wall_clock_s": 321.0, "eval": {
+        "win_rate_vs_base": 0.8, "adherence": 0.9, "base_adherence": 0.91}}))
+    (run / "history.jsonl").write_text(json.dumps({"step": 100, "win_rate_vs_base": 0.6}) + "\n")
+    (results / "ppd_eval").mkdir()
+    (results / "ppd_eval" / "unseen_k4.json").write_text(json.dumps({
+        "win_rate_vs_base": 0.7, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "per_user": {}}))
+    (results / "ppd_eval" / "interpolation.json").write_text(json.dumps({
+        "users": ["a", "b"], "monotonic": True, "curve": [{"mix": 0.0, "a": 1.0, "b": -1.0}, {"mix": 1.0, "a": -1.0, "b": 1.0}]}))
+    assert main(["world", "report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| dpo | red_large | 300 | 321.0 | 0.800 | 0.900 | 0.910 |" in text
+    assert "| inpo | red_large | missing |" in text
+    assert "| unseen | 4 | 0.700 |" in text and "monotonic: True" in text
+    for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
