@@ -92,18 +92,23 @@ def plan_jobs(prompts: Sequence[str], num_images: int, seed: int, users: Sequenc
     return [GenerationJob(p, seed + j, i, u) for u in users for i, p in enumerate(prompts) for j in range(num_images)]
 
 
+def _metadata_rows(path: Path) -> Iterable[dict]:
+    """Rows of a metadata file; a torn line (a crash mid-write) is ignored."""
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "file" in row:
+            yield row
+
+
 def _done_files(out_dir: Path) -> set[str]:
-    """Files recorded in any metadata*.jsonl whose image exists; a torn last line (crash mid-write) is ignored."""
-    done = set()
-    for metadata_path in sorted(out_dir.glob("metadata*.jsonl")):
-        for line in metadata_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (out_dir / row.get("file", "")).exists():
-                done.add(row["file"])
-    return done
+    """Files recorded in any metadata*.jsonl whose image exists."""
+    return {row["file"] for path in sorted(out_dir.glob("metadata*.jsonl")) for row in _metadata_rows(path)
+            if (out_dir / row["file"]).exists()}
 
 
 def batched(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -128,6 +133,9 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
     mine = todo[process_index::num_processes]
     metadata_path = out / ("metadata.jsonl" if num_processes == 1 else f"metadata.rank{process_index}.jsonl")
     guidance = default_guidance(pipe) if guidance_scale is None else guidance_scale
+    if metadata_path.exists() and metadata_path.stat().st_size and not metadata_path.read_bytes().endswith(b"\n"):
+        with metadata_path.open("a") as meta:  # a crash tore the last line: end it so new lines stay whole
+            meta.write("\n")
     with metadata_path.open("a") as meta, tqdm(total=len(mine), desc="generate", unit="img",
                                                disable=not progress, dynamic_ncols=True) as bar:
         for batch in batched(mine, batch_size):
@@ -157,13 +165,7 @@ def merge_metadata(out_dir: str | os.PathLike) -> int:
     seen = set()
     lines = []
     for path in [main_file, *sorted(out.glob("metadata.rank*.jsonl"))]:
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in _metadata_rows(path):
             if row["file"] not in seen and (out / row["file"]).exists():
                 seen.add(row["file"])
                 lines.append(json.dumps(row))
@@ -178,9 +180,8 @@ def merge_metadata(out_dir: str | os.PathLike) -> int:
 def contact_sheets(out_dir: str | os.PathLike, columns: int = 8, max_images: int = 64) -> list[Path]:
     """One PNG grid per user folder (and one for base images at the top level)."""
     out = Path(out_dir)
-    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines() if line.strip()]
     groups: dict[str, list[str]] = {}
-    for row in rows:
+    for row in _metadata_rows(out / "metadata.jsonl"):
         groups.setdefault(row.get("user") or "base", []).append(row["file"])
     sheets = []
     for user, files in sorted(groups.items()):

@@ -46,6 +46,8 @@ def test_generate_survives_a_torn_metadata_line(tmp_path, tiny_sd15_dir, capsys)
     capsys.readouterr()
     assert _run_generate(tmp_path, tiny_sd15_dir, out) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generated"] == 1
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.startswith('{"file"') and line.endswith("}")]
+    assert len({r["file"] for r in rows}) == 4  # the torn line was ended, so the new line is whole
 
 
 def test_read_prompts_formats_and_errors(tmp_path):
