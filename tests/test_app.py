@@ -81,6 +81,40 @@ def test_random_mode_and_bad_inputs():
         select_pair(np.eye(3), prior(5), rng)
 
 
+# ----------------------------------------------------------------------------- profiles
+
+
+def test_world_profile_reads_the_attribute_shift():
+    from diffpref.app.profile import world_profile
+    from diffpref.world.render import render, sample_attributes
+
+    rng = np.random.default_rng(0)
+    base = np.stack([np.asarray(render(sample_attributes(rng, color="blue"))) for _ in range(6)])
+    pers = np.stack([np.asarray(render(sample_attributes(rng, color="red"))) for _ in range(6)])
+    result = world_profile(base, pers, top=2)
+    assert {(row["attribute"], row["weight"]) for row in result["attributes"]} == {("color:red", 1.0), ("color:blue", -1.0)}
+    assert result["objects_found"] == {"base": 1.0, "personalized": 1.0}
+    with pytest.raises(ValueError, match="equally many"):
+        world_profile(base, pers[:2])
+
+
+def test_clip_profile_scores_text_probes():
+    from diffpref.app.profile import clip_profile
+
+    class Backbone:  # "dark" and "bright" are two axes; an image sits between them by its brightness
+        def embed_texts(self, texts):
+            return torch.tensor([[1.0, 0.0] if t == "dark" else [0.0, 1.0] for t in texts])
+
+        def embed_images(self, images):
+            m = torch.tensor([float(np.mean(im)) / 255 for im in images])
+            return torch.nn.functional.normalize(torch.stack([1 - m, m], 1), dim=1)
+
+    dark, bright = np.full((2, 8, 8, 3), 20, np.uint8), np.full((2, 8, 8, 3), 230, np.uint8)
+    result = clip_profile(Backbone(), list(dark), list(bright), probes=("dark", "bright"))
+    weights = {row["attribute"]: row["weight"] for row in result["attributes"]}
+    assert weights["bright"] > 0.5 > -0.5 > weights["dark"]
+
+
 # ----------------------------------------------------------------------------- passwords and validation
 
 
