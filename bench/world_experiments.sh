@@ -13,47 +13,34 @@ run() { local done_marker=$1; shift; [ -e "$done_marker" ] && return 0; "$@"; }
 # 1. Data: two users with different tastes for the single-user trainers, 40 users for PPD.
 for user in red_large dark_small; do
   run data/world_$user/pairs.parquet diffpref world make-data --out data/world_$user \
-      --users-file configs/users/$user.json --pairs-per-user 600 --seed 0 --steps 20 --batch-size 100 &
+      --users-file configs/users/$user.json --pairs-per-user 400 --seed 0 --steps 15 --batch-size 100 &
 done
 wait
 run data/world_ppd/pairs.parquet diffpref world make-data --out data/world_ppd \
-    --users-file configs/users/ppd_train.json --pairs-per-user 48 --seed 1 --steps 20 --batch-size 100
+    --users-file configs/users/ppd_train.json --pairs-per-user 48 --seed 1 --steps 15 --batch-size 100
 
 # 2. Single-user preference tuning: DPO, InPO, KTO, MaPO on each user (LoRA, shipped defaults).
 for method in dpo inpo kto mapo; do
   for user in red_large dark_small; do
     run outputs/${method}_$user/summary.json diffpref train --config configs/embedded_$method.yaml \
-        data_path=data/world_$user/pairs.parquet output_dir=outputs/${method}_$user threads=1 &
+        data_path=data/world_$user/pairs.parquet output_dir=outputs/${method}_$user threads=1 report_to=none &
   done
   wait
 done
 
 # 3. PPD: one model for all 40 training users.
-run outputs/embedded_ppd/ppd_config.json diffpref train --config configs/embedded_ppd.yaml threads=2
+run outputs/embedded_ppd/ppd_config.json diffpref train --config configs/embedded_ppd.yaml threads=1 report_to=none
 
-# 4. PPD evaluation: shots curve for unseen and seen users, and the interpolation between opposites.
+# 4. PPD evaluation: shots curve for unseen users, seen users at K=4, per-user DPO users, interpolation.
 mkdir -p outputs/ppd_eval
-python - <<'EOF'
-import json
+python -c "
 from diffpref.world.users import load_users, save_users
-save_users(load_users("configs/users/ppd_train.json")[:12], "outputs/ppd_eval/seen_users.json")
-EOF
-for k in 1 2 4 8; do
-  run outputs/ppd_eval/unseen_k$k.json sh -c "diffpref world eval --adapter outputs/embedded_ppd \
-      --users configs/users/ppd_unseen.json --shots $k --prompts 100 --json > outputs/ppd_eval/unseen_k$k.json" &
-  run outputs/ppd_eval/seen_k$k.json sh -c "diffpref world eval --adapter outputs/embedded_ppd \
-      --users outputs/ppd_eval/seen_users.json --shots $k --prompts 100 --json > outputs/ppd_eval/seen_k$k.json" &
-  wait
-done
-run outputs/ppd_eval/unseen_k4_full.json sh -c "diffpref world eval --adapter outputs/embedded_ppd \
-    --users configs/users/ppd_unseen.json --shots 4 --prompts 200 --json > outputs/ppd_eval/unseen_k4_full.json"
-run outputs/ppd_eval/interpolation.json python -m diffpref.personalize.interpolation --adapter outputs/embedded_ppd \
-    --users configs/users/opposites.json --out outputs/ppd_eval/interpolation.json
-# Upper bound: per-user DPO LoRAs (step 2) against PPD with 4 shots on the same two users.
-python - <<'EOF2'
-import json
-from diffpref.world.users import load_users, save_users
-save_users(load_users("configs/users/red_large.json") + load_users("configs/users/dark_small.json"), "outputs/ppd_eval/dpo_users.json")
-EOF2
-run outputs/ppd_eval/dpo_users_k4.json sh -c "diffpref world eval --adapter outputs/embedded_ppd \
-    --users outputs/ppd_eval/dpo_users.json --shots 4 --prompts 200 --json > outputs/ppd_eval/dpo_users_k4.json"
+save_users(load_users('configs/users/ppd_train.json')[:8], 'outputs/ppd_eval/seen_users.json')
+save_users(load_users('configs/users/red_large.json') + load_users('configs/users/dark_small.json'), 'outputs/ppd_eval/dpo_users.json')"
+ev() { local name=$1; shift; run outputs/ppd_eval/$name.json sh -c "diffpref world eval --adapter outputs/embedded_ppd --steps 20 --json $* > outputs/ppd_eval/$name.json"; }
+for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots $k --prompts 100; done &
+{ ev seen_k4 --users outputs/ppd_eval/seen_users.json --shots 4 --prompts 100
+  ev dpo_users_k4 --users outputs/ppd_eval/dpo_users.json --shots 4 --prompts 200
+  run outputs/ppd_eval/interpolation.json python -m diffpref.personalize.interpolation --adapter outputs/embedded_ppd \
+      --users configs/users/opposites.json --out outputs/ppd_eval/interpolation.json; } &
+wait
