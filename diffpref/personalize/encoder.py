@@ -40,7 +40,7 @@ class UserEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
-                 layers: int = 2, heads: int = 4):
+                 layers: int = 2, heads: int = 4, output_scale_init: float = 1.0):
         super().__init__()
         if hidden % heads != 0:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
@@ -61,6 +61,11 @@ class UserEncoder(ModelMixin, ConfigMixin):
                                       nn.Linear(4 * hidden, hidden))
         self.proj_out = nn.Linear(hidden, token_dim)
         self.norm_out = nn.LayerNorm(token_dim)
+        if output_scale_init != 1.0:
+            # Small tokens at first: the personalized model starts next to the base model (as LoRA
+            # starts at B = 0), so preference training starts near log 2 instead of from whatever
+            # unit-scale random tokens would do to the UNet; not zero, so every weight gets gradient.
+            nn.init.constant_(self.norm_out.weight, output_scale_init)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``."""

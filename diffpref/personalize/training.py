@@ -39,7 +39,8 @@ class PPDConditioner:
         install_user_attention(unet, cfg.ppd_num_tokens, blocks=blocks)
         encoder = UserEncoder(feature_dim=bank.feature_dim, num_tokens=cfg.ppd_num_tokens,
                               token_dim=int(unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
-                              layers=cfg.ppd_layers, heads=cfg.ppd_heads).to(accelerator.device)
+                              layers=cfg.ppd_layers, heads=cfg.ppd_heads,
+                              output_scale_init=cfg.ppd_token_scale_init).to(accelerator.device)
         encoder.train()
         return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
 

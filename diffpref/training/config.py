@@ -51,6 +51,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward"})
     inversion_steps: int = field(default=10, metadata={"help": "InPO: DDIM inversion steps from x0 to t"})
     inversion_eta: float = field(default=0.0, metadata={"help": "InPO: stochasticity of the inversion (0 = DDIM)"})
+    inversion_model: str = field(default="reference", metadata={"help": "InPO: which model inverts x0 to x_t: reference | policy"})
     kto_desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of liked images"})
     kto_undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of disliked images"})
     nan_policy: str = field(default="stop", metadata={"help": "stop | skip: what a non-finite loss does"})
@@ -73,6 +74,7 @@ class TrainConfig:
     ppd_hidden: int = field(default=128, metadata={"help": "PPD: width of the user encoder head"})
     ppd_layers: int = field(default=2, metadata={"help": "PPD: set-transformer layers of the head"})
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
+    ppd_token_scale_init: float = field(default=0.05, metadata={"help": "PPD: initial scale of user tokens (small: start next to the base model)"})
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -82,6 +84,7 @@ class TrainConfig:
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("inversion_model", self.inversion_model, ("reference", "policy"))
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

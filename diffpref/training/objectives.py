@@ -79,16 +79,19 @@ def _dpo_metrics(mw, ml, rw, rl, beta) -> dict[str, float]:
 def paired_preference(batch: dict, policy: Denoiser, reference: Denoiser | None, schedule: NoiseSchedule,
                       noise: torch.Tensor, t: torch.Tensor, beta: float, method: str,
                       inversion_steps: int = 10, inversion_eta: float = 0.0,
-                      generator: torch.Generator | None = None) -> ObjectiveOutput:
+                      generator: torch.Generator | None = None, inversion_model: str = "reference") -> ObjectiveOutput:
     """DPO, InPO, MaPO and SFT on a batch of pairs; winner and loser share t and the noise."""
     x0 = torch.cat([batch["latents_0"], batch["latents_1"]])
     t2, cond2, label = torch.cat([t, t]), _double(batch["cond"]), batch["label"]
     extra = 0
     if method == "inpo":
-        # DDIM-InPO: the latent at t is reached by inverting x0 with the current model, so it is the
-        # latent that really maps back to x0; its implied noise eps* is the regression target.
+        # DDIM-InPO: the latent at t is reached by DDIM inversion of x0, so it is a latent that really
+        # maps back to x0; its implied noise eps* is the regression target. Inverting with the frozen
+        # reference keeps (x_t, eps*) fixed per image; inverting with the policy makes the target
+        # follow the policy, which lets the loss fall by moving the reference's error instead.
+        inverter = reference if inversion_model == "reference" else policy
         with torch.no_grad():
-            inv = ddim_invert(lambda x, s: schedule.eps_from_output(policy(x, s, cond2), x, s), x0, t2,
+            inv = ddim_invert(lambda x, s: schedule.eps_from_output(inverter(x, s, cond2), x, s), x0, t2,
                               schedule.alphas_cumprod, num_steps=inversion_steps, eta=inversion_eta, generator=generator)
         x_t, eps = inv.x_t, inv.eps_star
         extra = inv.forward_passes

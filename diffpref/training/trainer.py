@@ -300,7 +300,7 @@ def train(cfg: TrainConfig) -> dict:
                     inversion_gen = torch.Generator().manual_seed(randomness.mix(cfg.seed, micro_step, rank, 0x1A0))
                     method = "dpo" if cfg.method == "ppd" else cfg.method  # PPD: Diffusion-DPO given the user
                     out = paired_preference(batch, policy, reference, schedule, noise, t, cfg.beta, method,
-                                            cfg.inversion_steps, cfg.inversion_eta, inversion_gen)
+                                            cfg.inversion_steps, cfg.inversion_eta, inversion_gen, cfg.inversion_model)
                 loss = out.loss.mean()
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
                 if not finite:
