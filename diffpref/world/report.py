@@ -18,7 +18,11 @@ SHOTS = (1, 2, 4, 8)
 
 
 def _read(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+    """A result file, or None when it is missing or unfinished (an interrupted run leaves it empty)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _history(path: Path) -> list[dict]:
