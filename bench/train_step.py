@@ -566,7 +566,7 @@ def _memory_worker(args) -> dict:
     else:
         parts = build_components(args.config, Path(args.worker_dir) / "child", unet=False)
         parts["unet"] = None
-        data = torch.load(spec["data"])
+        data = torch.load(spec["data"], weights_only=True)
         variant = make_variant("reference", args, parts, build_unet(args.config), None, data, device)
         del parts
     variant.finalize(dtype)

@@ -11,7 +11,7 @@ TOY = dict(num_images=48, vae_steps=2, vae_batch_size=4, unet_steps=4, unet_batc
 
 
 def _state(work):
-    return torch.load(work / "unet_state.pt", map_location="cpu", weights_only=False)
+    return torch.load(work / "unet_state.pt", map_location="cpu", weights_only=True)
 
 
 def test_recipe_runs_and_exports_loadable_models(tmp_path):

@@ -115,7 +115,7 @@ class Checkpointer:
     def load(self) -> dict | None:
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)  # our own file, written below
+        return torch.load(self.path, map_location="cpu", weights_only=True)
 
     def save(self, state: dict) -> None:
         tmp = self.path.with_suffix(".tmp")
