@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpref.paths import ASSETS, embedded_clip_path, embedded_model_path
+from diffpref.paths import embedded_clip_path, embedded_model_path
 
 
 def _size_mb(path):

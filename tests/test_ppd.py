@@ -140,7 +140,6 @@ def test_bad_user_inputs_are_refused(personalized):
 def test_save_and_load_the_personalized_pipeline(personalized, tmp_path, clip_dir):
     from diffusers import StableDiffusionPipeline
 
-    from diffpref.personalize.backbones import OpenClipBackbone
     from diffpref.personalize.pipeline import PersonalizedPipeline
 
     tokens = personalized.embed_user(_examples(np.random.default_rng(3), "green", 2))

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from diffpref.world import (
     BACKGROUND_RGB,

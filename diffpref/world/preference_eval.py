@@ -43,7 +43,7 @@ def load_adapter(pipe, adapter: str | os.PathLike):
     if (unet_dir / "config.json").exists():
         from diffusers import UNet2DConditionModel
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=pipe.unet.dtype).to(pipe.device)
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=pipe.unet.dtype).to(pipe.device)
         return pipe
     raise FileNotFoundError(f"{adapter} holds neither pytorch_lora_weights.safetensors nor a UNet config.json")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffpref.world.render import IMAGE_SIZE, SHAPES
+from diffpref.world.render import SHAPES
 
 CROP_SIZE = 32
 # Empty pixels kept around the bounding box, so outlines never touch the crop's edge.
