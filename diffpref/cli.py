@@ -153,7 +153,9 @@ def cmd_world_make_data(args) -> int:
 def _is_ppd_adapter(adapter) -> bool:
     from pathlib import Path
 
-    return adapter in ("embedded-ppd",) or (adapter is not None and (Path(adapter) / "ppd_config.json").exists())
+    from diffpref.personalize.adapter import CONFIG_NAME, EMBEDDED_ADAPTER_NAMES
+
+    return adapter is not None and (adapter in EMBEDDED_ADAPTER_NAMES or (Path(adapter) / CONFIG_NAME).exists())
 
 
 def cmd_world_eval(args) -> int:

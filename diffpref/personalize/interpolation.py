@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from diffpref.personalize.encoder import mix_embeddings
-from diffpref.personalize.world_eval import _generate_personalized, as_examples, draw_pairs
+from diffpref.personalize.world_eval import generate_personalized, as_examples, draw_pairs
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.preference_eval import eval_prompts
 from diffpref.world.users import load_users, oracle_reward
@@ -35,7 +35,7 @@ def interpolate(pipe, users, shots: int = 4, num_prompts: int = 100, seed: int =
     curve = []
     for w in mixes:
         mixed = mix_embeddings({"a": (tokens[0], 1.0 - w), "b": (tokens[1], w)})
-        images = _generate_personalized(pipe, prompts, seeds, mixed, 1.0, steps, None, batch_size)
+        images = generate_personalized(pipe, prompts, seeds, mixed, 1.0, steps, None, batch_size)
         features = feature_matrix(detect_batch(images))
         curve.append({"mix": w, **{u.user_id: float(np.mean(oracle_reward(u, features))) for u in users}})
     first, second = users[0].user_id, users[1].user_id

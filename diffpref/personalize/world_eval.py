@@ -112,7 +112,7 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
         pairs = draw_pairs(pipe, user, shots + ranking_pairs, seed, steps, guidance_scale, batch_size, user_salt=u)
         context, held_out = pairs[:shots], pairs[shots:]
         tokens = pipe.embed_user(as_examples(context))
-        tuned = _generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size)
+        tuned = generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size)
         r_tuned = oracle_reward(user, feature_matrix(detect_batch(tuned)))
         r_base = oracle_reward(user, base_features)
         adherence = adherence_of(tuned, prompts)["mean_acc"]
@@ -133,15 +133,12 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
     }
 
 
-def _generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size) -> np.ndarray:
-    from diffpref.generate import default_guidance
+def generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size) -> np.ndarray:
+    """uint8 world images of one user (tokens [K, d]), ``batch_size`` per pipeline call."""
+    from diffpref.generate import batched, generate_images
 
-    guidance = default_guidance(pipe) if guidance_scale is None else guidance_scale
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        p, s = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        gens = [torch.Generator().manual_seed(int(x)) for x in s]
-        out = pipe(p, user_embedding=tokens, user_scale=user_scale, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gens, height=64, width=64, output_type="np").images
-        chunks.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
-    return np.concatenate(chunks)
+    return np.concatenate([
+        generate_images(pipe, p, s, steps, guidance_scale, height=64, width=64, user_embedding=tokens,
+                        user_scale=user_scale)
+        for p, s in zip(batched(prompts, batch_size), batched(seeds, batch_size))
+    ])

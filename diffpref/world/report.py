@@ -173,7 +173,7 @@ def grid_section(results: Path, out: Path, users=("red_large", "dark_small"), n:
 
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.personalize.world_eval import _generate_personalized, as_examples, draw_pairs
+    from diffpref.personalize.world_eval import generate_personalized, as_examples, draw_pairs
     from diffpref.world.preference_eval import eval_prompts, generate_all
     from diffpref.world.users import load_users
 
@@ -185,7 +185,7 @@ def grid_section(results: Path, out: Path, users=("red_large", "dark_small"), n:
     for i, name in enumerate(users):
         user = load_users(f"configs/users/{name}.json")[0]
         tokens = pipe.embed_user(as_examples(draw_pairs(pipe, user, 4, 0, 20, None, user_salt=100 + i)))
-        tuned = _generate_personalized(pipe, prompts, seeds, tokens, 1.0, 20, None, n)
+        tuned = generate_personalized(pipe, prompts, seeds, tokens, 1.0, 20, None, n)
         grid = np.concatenate([np.concatenate(list(base), axis=1), np.concatenate(list(tuned), axis=1)], axis=0)
         Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / f"grid_{name}.png")
         lines += [f"{name} ({user.weights}); captions: {', '.join(prompts)}", "", f"![{name}](grid_{name}.png)", ""]
