@@ -150,16 +150,29 @@ def cmd_world_make_data(args) -> int:
     return 0
 
 
-def _is_ppd_adapter(adapter) -> bool:
-    from pathlib import Path
+def cmd_world_make_users(args) -> int:
+    import numpy as np
 
-    from diffpref.personalize.adapter import CONFIG_NAME, EMBEDDED_ADAPTER_NAMES
+    from diffpref.world.users import load_users, random_users, save_users, taste_users
 
-    return adapter is not None and (adapter in EMBEDDED_ADAPTER_NAMES or (Path(adapter) / CONFIG_NAME).exists())
+    rng = np.random.default_rng(args.seed)
+    if args.kind == "taste":
+        exclude = load_users(args.exclude) if args.exclude else []
+        low, high = (int(v) for v in args.families.split(","))
+        users = taste_users(args.n, rng, prefix=args.prefix, families_per_user=(low, high), exclude=exclude)
+    else:
+        if args.exclude:
+            raise SystemExit("--exclude works with --kind taste only")
+        users = random_users(args.n, rng, prefix=args.prefix)
+    save_users(users, args.out)
+    print(json.dumps({"users": len(users), "out": str(args.out)}))
+    return 0
 
 
 def cmd_world_eval(args) -> int:
-    if _is_ppd_adapter(args.adapter) or args.shots is not None:
+    from diffpref.personalize.adapter import is_ppd_adapter
+
+    if is_ppd_adapter(args.adapter) or args.shots is not None:
         from diffpref.personalize.world_eval import evaluate_ppd
 
         if not args.users:
@@ -189,6 +202,48 @@ def cmd_world_eval(args) -> int:
         for key, value in result.items():
             print(f"{key:16s} {value}")
     return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from diffpref.rewards.evaluate import evaluate_rewards
+
+    result = evaluate_rewards(args.model, args.prompts, args.rewards, adapter=args.adapter, users=args.users,
+                              seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                              batch_size=args.batch_size, device=args.device, attention=args.attention,
+                              user_scale=args.user_scale)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{result['model']} vs base, {result['prompts']} prompts, adapter {result['adapter']}")
+    for name in result["reward_files"]:
+        r = result[name]
+        print(f"  {name:10s} mean {r['mean_reward']:9.4f}   base {r['base_mean_reward']:9.4f}   "
+              f"win rate {r['win_rate_vs_base']:.3f}")
+        for user, u in r.get("per_user", {}).items():
+            print(f"    {user:16s} mean {u['mean_reward']:9.4f}   win rate {u['win_rate_vs_base']:.3f}")
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="reward-model evaluation (HPSv2, PickScore, aesthetic, CLIP score) against the base")
+    p.add_argument("--model", default="embedded", help="'embedded', a local diffusers folder, or a hub id")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA (file or folder), a full UNet folder, or a PPD adapter (with --users)")
+    p.add_argument("--users", default=None, help="JSON list of users: personalized generations and results per user")
+    p.add_argument("--prompts", required=True, help="a .txt file (one prompt a line) or .jsonl ({\"prompt\": ...})")
+    p.add_argument("--rewards", required=True,
+                   help="comma-separated local reward weights: hpsv2=CKPT[@ARCH], clip=CKPT[@ARCH], "
+                        "aesthetic=HEAD@BACKBONE[@ARCH], pickscore=MODEL_DIR[@PROCESSOR_DIR]")
+    p.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i, by base and tuned alike")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25 embedded, 50 otherwise)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call and per reward-model call")
+    p.add_argument("--user-scale", type=float, default=1.0, help="PPD: personalization strength")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
 
 # ----------------------------------------------------------------------------- train
@@ -303,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
     p.set_defaults(func=cmd_world_make_data)
 
+    p = world.add_parser("make-users", help="write a JSON list of simulated users with known tastes")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--n", type=int, required=True, help="number of users")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["taste", "random"], default="taste",
+                   help="taste: likes one value of 1-2 attribute families; random: 2-4 mixed-sign weights")
+    p.add_argument("--families", default="1,2", help="taste: fewest,most attribute families per user")
+    p.add_argument("--prefix", default="u", help="user ids are PREFIX0, PREFIX1, ...")
+    p.add_argument("--exclude", default=None, help="taste: users file whose key combinations must not recur (held-out users)")
+    p.set_defaults(func=cmd_world_make_users)
+
     p = world.add_parser("eval", help="prompt adherence of a model on world captions")
     p.add_argument("--model", default="embedded")
     p.add_argument("--prompts", type=int, default=None,
@@ -325,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grids", action="store_true", help="skip the image grids (they need the PPD adapter)")
     p.set_defaults(func=cmd_world_report)
 
+    _add_eval_parser(sub)
     _add_app_parser(sub)
     return parser
 

@@ -87,6 +87,21 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
+def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
+                 batch_size: int, progress: bool = True, desc: str = "generate", **pipe_kwargs) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of every prompt, ``batch_size`` per pipeline call (each image has its own generator)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunks = []
+    jobs = list(zip(prompts, seeds))
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batched(jobs, batch_size):
+            chunks.append(generate_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance_scale,
+                                          **pipe_kwargs))
+            bar.update(len(batch))
+    return np.concatenate(chunks)
+
+
 def plan_jobs(prompts: Sequence[str], num_images: int, seed: int, users: Sequence[str | None] = (None,)) -> list[GenerationJob]:
     """prompts x users x seeds; image j of a prompt uses seed + j for every user (so users compare directly)."""
     return [GenerationJob(p, seed + j, i, u) for u in users for i, p in enumerate(prompts) for j in range(num_images)]

@@ -226,3 +226,36 @@ def test_bradley_terry_temperature_zero_is_deterministic():
     assert bradley_terry_choice(user, better, better, 0.0) == 0.5
     with pytest.raises(ValueError):
         bradley_terry_choice(user, better, worse, 1.0, None)
+
+
+def test_taste_users_have_few_clear_tastes_and_hold_out_combinations():
+    from diffpref.world.users import TASTE_FAMILIES, taste_users
+
+    train = taste_users(48, np.random.default_rng(0), prefix="t")
+    again = taste_users(48, np.random.default_rng(0), prefix="t")
+    assert [u.weights for u in train] == [u.weights for u in again]  # deterministic by seed
+    family_of = {key: fam for fam, keys in TASTE_FAMILIES.items() for key in keys}
+    for user in train:
+        families = [family_of[k] for k in user.weights]
+        assert 1 <= len(families) <= 2 and len(set(families)) == len(families)  # one value per family
+        for key, w in user.weights.items():
+            assert 1.0 <= abs(w) <= 2.0
+            if len(TASTE_FAMILIES[family_of[key]]) > 1:
+                assert w > 0  # categorical tastes are likes
+    held_out = taste_users(30, np.random.default_rng(1), families_per_user=(2, 2), exclude=train)
+    seen = {frozenset(u.weights) for u in train}
+    assert all(len(u.weights) == 2 and frozenset(u.weights) not in seen for u in held_out)
+    with pytest.raises(ValueError, match="families_per_user"):
+        taste_users(1, np.random.default_rng(0), families_per_user=(0, 2))
+
+
+def test_make_users_cli_writes_loadable_users(tmp_path):
+    from diffpref.cli import main
+    from diffpref.world.users import load_users
+
+    train, unseen = tmp_path / "train.json", tmp_path / "unseen.json"
+    assert main(["world", "make-users", "--out", str(train), "--n", "10", "--seed", "3"]) == 0
+    assert main(["world", "make-users", "--out", str(unseen), "--n", "4", "--families", "2,2",
+                 "--exclude", str(train), "--prefix", "new"]) == 0
+    assert [u.user_id for u in load_users(unseen)] == ["new0", "new1", "new2", "new3"]
+    assert len(load_users(train)) == 10

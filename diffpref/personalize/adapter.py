@@ -80,3 +80,7 @@ def load_backbone(config: dict, device: str | torch.device = "cpu"):
     if config.get("backbone_kind") == "vlm":
         return VLMBackbone.from_pretrained(name, device=str(device))
     return OpenClipBackbone.from_pretrained(name, device=str(device))
+
+
+def is_ppd_adapter(adapter: str | os.PathLike | None) -> bool:
+    return adapter is not None and (str(adapter) in EMBEDDED_ADAPTER_NAMES or (Path(adapter) / CONFIG_NAME).exists())

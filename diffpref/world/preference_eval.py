@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffpref.generate import generate_all  # noqa: F401  (re-exported for report and PPD eval)
 from diffpref.world.captions import sample_prompt
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.evaluate import adherence_of, win_rate
-from diffpref.world.make_data import generate_in_batches, world_pipeline
+from diffpref.world.make_data import world_pipeline
 from diffpref.world.users import WorldUser, load_users, oracle_reward
 
 
@@ -46,13 +47,6 @@ def load_adapter(pipe, adapter: str | os.PathLike):
         pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=pipe.unet.dtype).to(pipe.device)
         return pipe
     raise FileNotFoundError(f"{adapter} holds neither pytorch_lora_weights.safetensors nor a UNet config.json")
-
-
-def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
-                 batch_size: int, progress: bool, desc: str) -> np.ndarray:
-    chunks = [images for _, images in generate_in_batches(pipe, prompts, seeds, steps, guidance_scale, batch_size,
-                                                          progress, desc)]
-    return np.concatenate(chunks)
 
 
 def compare(tuned: np.ndarray, base: np.ndarray, prompts: Sequence[str], users: Sequence[WorldUser]) -> dict[str, Any]:

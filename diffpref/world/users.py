@@ -205,3 +205,51 @@ def random_users(
         weights = {FEATURE_KEYS[j]: round(float(s * m), 3) for j, s, m in zip(keys, signs, mags)}
         users.append(WorldUser(f"{prefix}{i}", weights))
     return users
+
+
+TASTE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "color": tuple(k for k in FEATURE_KEYS if k.startswith("color:")),
+    "background": tuple(k for k in FEATURE_KEYS if k.startswith("background:")),
+    "shape": tuple(k for k in FEATURE_KEYS if k.startswith("shape:")),
+    "size": ("size",),
+    "brightness": ("brightness",),
+}
+
+
+def taste_users(
+    n: int,
+    rng: np.random.Generator,
+    prefix: str = "u",
+    families_per_user: tuple[int, int] = (1, 2),
+    magnitude: tuple[float, float] = (1.0, 2.0),
+    exclude: Sequence[WorldUser] = (),
+) -> list[WorldUser]:
+    """``n`` users with a few clear tastes: each likes one value of 1-2 attribute families.
+
+    A family is colour, background or shape (the user likes one value of it) or size or
+    brightness (more or less of it). Unlike ``random_users``, whose 2-4 mixed-sign weights a
+    handful of choices barely reveal, these are the users few-shot personalization is about:
+    four choices say a lot about them. A user whose set of keys equals that of a user in
+    ``exclude`` is redrawn, so held-out users are combinations the training users never had.
+    """
+    low, high = families_per_user
+    if not 1 <= low <= high <= len(TASTE_FAMILIES):
+        raise ValueError(f"need 1 <= families_per_user[0] <= [1] <= {len(TASTE_FAMILIES)}, got {families_per_user}")
+    taken = {frozenset(u.weights) for u in exclude}
+    names = list(TASTE_FAMILIES)
+    users: list[WorldUser] = []
+    for i in range(n):
+        for _ in range(1000):
+            chosen = rng.choice(len(names), size=int(rng.integers(low, high + 1)), replace=False)
+            weights = {}
+            for j in sorted(chosen):
+                keys = TASTE_FAMILIES[names[j]]
+                key = keys[int(rng.integers(len(keys)))]
+                sign = 1.0 if len(keys) > 1 else float(rng.choice([-1.0, 1.0]))
+                weights[key] = round(sign * float(rng.uniform(*magnitude)), 3)
+            if frozenset(weights) not in taken:
+                break
+        else:
+            raise ValueError(f"could not draw a user unlike the {len(taken)} excluded ones; exclude fewer")
+        users.append(WorldUser(f"{prefix}{i}", weights))
+    return users
