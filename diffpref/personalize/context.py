@@ -43,6 +43,11 @@ class ContextBank:
         rejected = torch.where(first, self.image_1[rows], self.image_0[rows])
         return example_features_from_embeddings(self.text[rows], preferred, rejected)
 
+    def preference_diff(self, rows: torch.Tensor) -> torch.Tensor:
+        """phi(preferred) - phi(rejected) of pairs ``rows``, [B, E] (backbone image embeddings)."""
+        first = (self.label[rows] >= 0.5).unsqueeze(1)
+        return torch.where(first, self.image_0[rows] - self.image_1[rows], self.image_1[rows] - self.image_0[rows])
+
     def sample_context(self, rows: torch.Tensor, generators: list[torch.Generator], k_min: int,
                        k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, k_max, F], mask [B, k_max]) of k other pairs of each row's user."""

@@ -40,7 +40,7 @@ class UserEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
-                 layers: int = 2, heads: int = 4, output_scale_init: float = 1.0):
+                 layers: int = 2, heads: int = 4, output_scale_init: float = 1.0, preference_dim: int = 0):
         super().__init__()
         if hidden % heads != 0:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
@@ -61,14 +61,22 @@ class UserEncoder(ModelMixin, ConfigMixin):
                                       nn.Linear(4 * hidden, hidden))
         self.proj_out = nn.Linear(hidden, token_dim)
         self.norm_out = nn.LayerNorm(token_dim)
+        # Optional training aid (``predict_preference``): a linear read-out of the tokens as a reward
+        # direction in the backbone's image-embedding space. Inference never uses it.
+        self.preference_head = nn.Linear(num_tokens * token_dim, preference_dim) if preference_dim > 0 else None
         if output_scale_init != 1.0:
             # Small tokens at first: the personalized model starts next to the base model (as LoRA
             # starts at B = 0), so preference training starts near log 2 instead of from whatever
             # unit-scale random tokens would do to the UNet; not zero, so every weight gets gradient.
             nn.init.constant_(self.norm_out.weight, output_scale_init)
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``."""
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                return_unscaled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``.
+
+        ``return_unscaled=True`` also returns the tokens before ``norm_out``'s affine scale (unit
+        scale whatever that scale has become), which is what ``predict_preference`` reads.
+        """
         if features.ndim != 3 or features.shape[-1] != self.config.feature_dim:
             raise ValueError(f"features must be [B, k, {self.config.feature_dim}], got {tuple(features.shape)}")
         if mask is None:
@@ -87,7 +95,25 @@ class UserEncoder(ModelMixin, ConfigMixin):
         kv = self.pool_norm(h)
         tokens = seeds + self.pool(seeds, kv, kv, key_padding_mask=padding, need_weights=False)[0]
         tokens = tokens + self.pool_mlp(tokens)
-        return self.norm_out(self.proj_out(tokens))  # (B, K, d)
+        projected = self.proj_out(tokens)
+        scaled = self.norm_out(projected)  # (B, K, d)
+        if not return_unscaled:
+            return scaled
+        unscaled = nn.functional.layer_norm(projected, projected.shape[-1:], eps=self.norm_out.eps)
+        return scaled, unscaled
+
+    def predict_preference(self, unscaled_tokens: torch.Tensor, image_diff: torch.Tensor) -> torch.Tensor:
+        """Logit that the user prefers image a over b: ``head(tokens) . (phi(a) - phi(b))``, shape [B].
+
+        Bradley-Terry over backbone image embeddings, with the user's reward direction read from
+        their tokens. Trained on the pair being denoised (never in its own context), it gives the
+        head a direct, low-variance signal about each user's taste from the first step, where the
+        DPO gradient through the UNet is weak and noisy while the user branch is still small.
+        """
+        if self.preference_head is None:
+            raise ValueError("this encoder was built with preference_dim=0: it has no preference head")
+        direction = self.preference_head(unscaled_tokens.flatten(1).to(self.dtype))
+        return (direction * image_diff.to(direction.dtype)).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,16 +40,28 @@ class PPDConditioner:
         encoder = UserEncoder(feature_dim=bank.feature_dim, num_tokens=cfg.ppd_num_tokens,
                               token_dim=int(unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
                               layers=cfg.ppd_layers, heads=cfg.ppd_heads,
-                              output_scale_init=cfg.ppd_token_scale_init).to(accelerator.device)
+                              output_scale_init=cfg.ppd_token_scale_init,
+                              preference_dim=bank.text.shape[1] if cfg.ppd_preference_weight > 0 else 0,
+                              ).to(accelerator.device)
         encoder.train()
         return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
 
-    def condition(self, prompt_embeds: torch.Tensor, indices: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def condition(self, prompt_embeds: torch.Tensor, indices: torch.Tensor,
+                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """(text conditioning with user tokens appended, auxiliary loss or None, metrics)."""
         features, mask = self.bank.sample_context(indices, generators, self.cfg.ppd_shots_min, self.cfg.ppd_shots_max)
-        tokens = self.encoder(features.to(prompt_embeds.device), mask.to(prompt_embeds.device))
+        device = prompt_embeds.device
+        tokens, unscaled = self.encoder(features.to(device), mask.to(device), return_unscaled=True)
+        aux, metrics = None, {}
+        if self.cfg.ppd_preference_weight > 0:
+            # The trained pair is never in its own context, so this is a held-out prediction.
+            encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
+            logits = encoder.predict_preference(unscaled, self.bank.preference_diff(indices).to(device))
+            aux = self.cfg.ppd_preference_weight * torch.nn.functional.softplus(-logits)
+            metrics = {"user_pref_acc": float((logits.detach() > 0).float().mean())}
         keep = randomness.per_sample_uniform(generators) >= self.cfg.ppd_user_dropout
         tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)  # zero tokens = no user
-        return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens)
+        return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens), aux, metrics
 
     def without_user(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         return concat_user_tokens(prompt_embeds[:, :-self.num_tokens], None, self.num_tokens)

@@ -74,6 +74,7 @@ class TrainConfig:
     ppd_hidden: int = field(default=128, metadata={"help": "PPD: width of the user encoder head"})
     ppd_layers: int = field(default=2, metadata={"help": "PPD: set-transformer layers of the head"})
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
+    ppd_preference_weight: float = field(default=0.0, metadata={"help": "PPD: weight of the auxiliary loss that trains the encoder to predict the trained pair's choice from the user tokens (0 = off, plain DPO as in the paper)"})
     ppd_token_scale_init: float = field(default=0.05, metadata={"help": "PPD: initial scale of user tokens (small: start next to the base model)"})
 
     def __post_init__(self):

@@ -291,8 +291,10 @@ def train(cfg: TrainConfig) -> dict:
             batch = _to_device(_collate(items, empty_cond, drop), accelerator.device, torch.float32)
             noise, t = noise.to(accelerator.device), t.to(accelerator.device)
             with accelerator.accumulate(*models):
+                aux_loss, aux_metrics = None, {}
                 if user:
-                    batch["cond"]["prompt_embeds"] = user.condition(batch["cond"]["prompt_embeds"], indices, gens)
+                    batch["cond"]["prompt_embeds"], aux_loss, aux_metrics = user.condition(
+                        batch["cond"]["prompt_embeds"], indices, gens)
                 if cfg.method == "kto":
                     out = kto(batch, policy, reference, schedule, noise, t, cfg.beta,
                               cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
@@ -302,6 +304,9 @@ def train(cfg: TrainConfig) -> dict:
                     out = paired_preference(batch, policy, reference, schedule, noise, t, cfg.beta, method,
                                             cfg.inversion_steps, cfg.inversion_eta, inversion_gen, cfg.inversion_model)
                 loss = out.loss.mean()
+                if aux_loss is not None:
+                    loss = loss + aux_loss.mean()
+                    out.metrics.update(aux_metrics)
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0
                 if not finite:
                     if cfg.nan_policy == "stop":
