@@ -1,0 +1,124 @@
+"""Simulated raters: world users answer the app's pairs by their oracle; how fast does their model improve?
+
+Each rater logs in to a ``RatingService`` (the code behind the app's ``next_pair`` / ``rate``
+endpoints), takes the pair it is shown, chooses the image its oracle reward prefers (a tie when
+equal), and after every rating the service's current tokens for that person personalize a fixed
+set of evaluation captions. Their oracle compares those images with the base model's for the
+same captions and seeds (ties count half). Run once with active pair choice and once with
+random pairs, the curves say how many ratings each needs.
+
+    python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 --out outputs/app_raters.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffpref.app.pairs import PAIR_MODES
+from diffpref.app.service import AppConfig, RatingService
+from diffpref.world.detector import detect_batch, feature_matrix
+from diffpref.world.evaluate import win_rate
+from diffpref.world.users import WorldUser, load_users, oracle_reward
+
+
+def oracle_choice(user: WorldUser, left: np.ndarray, right: np.ndarray) -> str:
+    """"left", "right" or "tie": what this user's oracle reward says of two images."""
+    r_left, r_right = oracle_reward(user, feature_matrix(detect_batch(np.stack([left, right]))))
+    return "left" if r_left > r_right else "right" if r_right > r_left else "tie"
+
+
+def first_reaching(curve: Sequence[float], target: float) -> int | None:
+    """1-based number of ratings at which ``curve`` first reaches ``target`` (None if never)."""
+    return next((n + 1 for n, value in enumerate(curve) if value >= target), None)
+
+
+def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequence[str] = PAIR_MODES,
+                    num_prompts: int = 32, seed: int = 0, adapter: str = "embedded-ppd", candidates: int = 4,
+                    steps: int = 15, db_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Win rate against the base after 1..``ratings`` ratings, per pair mode (mean over users)."""
+    from diffpref.models.loading import load_pipeline
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+    from diffpref.personalize.world_eval import generate_personalized
+    from diffpref.world.preference_eval import eval_prompts, generate_all
+
+    unknown = set(modes) - set(PAIR_MODES)
+    if unknown:
+        raise ValueError(f"unknown pair modes {sorted(unknown)}; valid modes are {PAIR_MODES}")
+    if ratings < 1:
+        raise ValueError(f"ratings must be >= 1, got {ratings}")
+    pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), adapter)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = eval_prompts(num_prompts, seed + 1)
+    base = feature_matrix(detect_batch(generate_all(pipe, prompts, seeds, steps, None, 64, False, "base")))
+    curves: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
+        for mode in modes:
+            # queue_size 1 and no background worker: every pair is chosen knowing every earlier answer.
+            config = AppConfig(db=str(Path(tmp) / f"{mode}.db"), pair_mode=mode, queue_size=1, candidates=candidates,
+                               steps=steps, adapter=adapter, seed=seed)
+            service = RatingService(config, pipe=pipe, start_worker=False)
+            try:
+                curves[mode] = {}
+                bar = tqdm(total=len(users) * ratings, desc=f"raters ({mode})", disable=not progress, dynamic_ncols=True)
+                for user in users:
+                    service.login(user.user_id)
+                    curve = []
+                    for _ in range(ratings):
+                        pair = service.next_pair(user.user_id)
+                        choice = oracle_choice(user, np.asarray(pair["left"]), np.asarray(pair["right"]))
+                        service.rate(user.user_id, pair["pair_id"], choice)
+                        tokens = service.user_tokens(user.user_id)
+                        if tokens is None:  # only ties so far: the person still sees the base model
+                            curve.append(0.5)
+                        else:
+                            tuned = generate_personalized(pipe, prompts, seeds, tokens, 1.0, steps, None, 64)
+                            curve.append(win_rate(oracle_reward(user, feature_matrix(detect_batch(tuned))),
+                                                  oracle_reward(user, base)))
+                        bar.update(1)
+                    curves[mode][user.user_id] = curve
+                bar.close()
+            finally:
+                service.close()
+    result: dict[str, Any] = {"ratings": list(range(1, ratings + 1)), "users": [u.user_id for u in users],
+                              "prompts": num_prompts, "steps": steps, "candidates": candidates, "per_user": curves}
+    for mode, per_user in curves.items():
+        result[mode] = np.mean(list(per_user.values()), axis=0).round(4).tolist()
+    if {"active", "random"} <= set(curves) and ratings >= 8:
+        target = result["random"][7]
+        result["random_at_8"] = target
+        result["active_reaches_random_at_8_after"] = first_reaching(result["active"], target)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", required=True, help="JSON list of world users (the raters)")
+    parser.add_argument("--ratings", type=int, default=10, help="ratings per rater")
+    parser.add_argument("--modes", default=",".join(PAIR_MODES), help=f"comma-separated subset of {PAIR_MODES}")
+    parser.add_argument("--prompts", type=int, default=32, help="evaluation captions per point of the curve")
+    parser.add_argument("--adapter", default="embedded-ppd")
+    parser.add_argument("--candidates", type=int, default=4, help="candidate images per pair in active mode")
+    parser.add_argument("--steps", type=int, default=15, help="sampling steps of pairs and evaluation images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the JSON here too")
+    args = parser.parse_args(argv)
+    result = simulate_raters(load_users(args.users), args.ratings, [m for m in args.modes.split(",") if m],
+                             args.prompts, args.seed, args.adapter, args.candidates, args.steps)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
