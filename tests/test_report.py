@@ -15,10 +15,16 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
         "win_rate_vs_base": 0.7, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "per_user": {}}))
     (results / "ppd_eval" / "interpolation.json").write_text(json.dumps({
         "users": ["a", "b"], "monotonic": True, "curve": [{"mix": 0.0, "a": 1.0, "b": -1.0}, {"mix": 1.0, "a": -1.0, "b": 1.0}]}))
+    ratings = list(range(1, 11))
+    (results / "app_raters.json").write_text(json.dumps({
+        "ratings": ratings, "users": ["a"], "prompts": 32, "steps": 15, "candidates": 4,
+        "active": [0.5 + 0.03 * n for n in ratings], "random": [0.5 + 0.01 * n for n in ratings],
+        "random_at_8": 0.58, "active_reaches_random_at_8_after": 3}))
     assert main(["world", "report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| dpo | red_large | 300 | 321.0 | 0.800 | 0.900 | 0.910 |" in text
     assert "| inpo | red_large | missing |" in text
     assert "| unseen | 4 | 0.700 |" in text and "monotonic: True" in text
-    for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png"):
+    assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text
+    for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png", "app_active_vs_random.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000

@@ -152,6 +152,36 @@ def ppd_section(results: Path, out: Path) -> list[str]:
     return lines + [""]
 
 
+def app_section(results: Path, out: Path) -> list[str]:
+    """The simulated raters of ``python -m diffpref.app.simulate`` (``app_raters.json``)."""
+    sim = _read(results / "app_raters.json")
+    if sim is None:
+        return []
+    modes = [m for m in ("active", "random") if m in sim]
+
+    def draw(ax):
+        for mode in modes:
+            ax.plot(sim["ratings"], sim[mode], marker="o", label=f"{mode} pairs")
+        ax.axhline(0.5, color="gray", linewidth=0.8)
+        ax.set_xlabel("ratings given")
+        ax.set_ylabel("oracle win rate vs base")
+        ax.legend()
+
+    lines = ["## The app: win rate after n ratings, active vs random pairs", "",
+             f"{len(sim['users'])} simulated raters answer the rating service's pairs by their oracle; after each "
+             f"rating their current tokens personalize {sim['prompts']} evaluation captions "
+             f"({sim['steps']} sampling steps, {sim['candidates']} candidates per active pair).", "",
+             "| ratings | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for i, n in enumerate(sim["ratings"]):
+        lines.append(f"| {n} | " + " | ".join(f"{sim[m][i]:.3f}" for m in modes) + " |")
+    if "random_at_8" in sim:
+        reached = sim["active_reaches_random_at_8_after"]
+        lines += ["", f"Random pairs reach {sim['random_at_8']:.3f} after 8 ratings; active pairs reach it after "
+                      f"{reached if reached else 'more than ' + str(len(sim['ratings']))} ratings."]
+    lines += ["", f"![active vs random]({_plot(out, 'app_active_vs_random.png', draw)})", ""]
+    return lines
+
+
 def write_report(results: str | Path, out: str | Path, grids: bool = True) -> Path:
     results, out = Path(results), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +190,7 @@ def write_report(results: str | Path, out: str | Path, grids: bool = True) -> Pa
              f"`diffpref world report --results {results} --out {out}`.", ""]
     lines += trainer_section(results, out)
     lines += ppd_section(results, out)
+    lines += app_section(results, out)
     if grids and (results / "embedded_ppd" / "ppd_config.json").exists():
         lines += grid_section(results, out)
     path = out / "report.md"
