@@ -10,14 +10,14 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 run() { local done_marker=$1; shift; [ -e "$done_marker" ] && return 0; "$@"; }
 
-# 1. Data: two users with different tastes for the single-user trainers, 40 users for PPD.
+# 1. Data: two users with different tastes for the single-user trainers, 48 users for PPD.
 for user in red_large dark_small; do
   run data/world_$user/pairs.parquet diffpref world make-data --out data/world_$user \
-      --users-file configs/users/$user.json --pairs-per-user 400 --seed 0 --steps 15 --batch-size 100 &
+      --users-file configs/users/$user.json --pairs-per-user 1000 --seed 0 --steps 15 --batch-size 100 &
 done
 wait
 run data/world_ppd/pairs.parquet diffpref world make-data --out data/world_ppd \
-    --users-file configs/users/ppd_train.json --pairs-per-user 48 --seed 1 --steps 15 --batch-size 100
+    --users-file configs/users/ppd_train.json --pairs-per-user 64 --seed 1 --steps 15 --batch-size 100
 
 # 2. Single-user preference tuning: DPO, InPO, KTO, MaPO on each user (LoRA, shipped defaults).
 for method in dpo inpo kto mapo; do
@@ -28,7 +28,7 @@ for method in dpo inpo kto mapo; do
   wait
 done
 
-# 3. PPD: one model for all 40 training users.
+# 3. PPD: one model for all 48 training users (configs/users/ppd_train.json, from `diffpref world make-users`).
 run outputs/embedded_ppd/ppd_config.json diffpref train --config configs/embedded_ppd.yaml threads=1 report_to=none
 
 # 4. PPD evaluation: shots curve for unseen users, seen users at K=4, per-user DPO users, interpolation.
@@ -44,3 +44,7 @@ for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots
   run outputs/ppd_eval/interpolation.json python -m diffpref.personalize.interpolation --adapter outputs/embedded_ppd \
       --users configs/users/opposites.json --out outputs/ppd_eval/interpolation.json; } &
 wait
+
+# 5. The app: simulated raters (the unseen users) answer the rating service's pairs, active vs random.
+run outputs/app_raters.json python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 \
+    --out outputs/app_raters.json > /dev/null
