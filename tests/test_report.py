@@ -7,7 +7,7 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     results = tmp_path / "outputs"
     run = results / "dpo_red_large"
     run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps({"steps": 300, "wall_clock_s": 321.0, "eval": {
+    (run / "summary.json").write_text(json.dumps({"steps": 300, "wall_clock_s": 321.0, "train_s": 250.5, "eval": {
         "win_rate_vs_base": 0.8, "adherence": 0.9, "base_adherence": 0.91}}))
     (run / "history.jsonl").write_text(json.dumps({"step": 100, "win_rate_vs_base": 0.6}) + "\n")
     (results / "ppd_eval").mkdir()
@@ -22,7 +22,7 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
         "random_at_8": 0.58, "active_reaches_random_at_8_after": 3}))
     assert main(["world", "report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "| dpo | red_large | 300 | 321.0 | 0.800 | 0.900 | 0.910 |" in text
+    assert "| dpo | red_large | 300 | 321.0 | 250.5 | 0.800 | 0.900 | 0.910 |" in text
     assert "| inpo | red_large | missing |" in text
     assert "| unseen | 4 | 0.700 |" in text and "monotonic: True" in text
     assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text

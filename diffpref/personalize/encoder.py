@@ -93,7 +93,12 @@ class UserEncoder(ModelMixin, ConfigMixin):
             h = block(h, src_key_padding_mask=padding)
         seeds = self.seeds.expand(h.shape[0], -1, -1)  # (B, K, hidden)
         kv = self.pool_norm(h)
-        tokens = seeds + self.pool(seeds, kv, kv, key_padding_mask=padding, need_weights=False)[0]
+        # Deep-sets path beside the attention pooling: the masked mean of the examples reaches every
+        # token directly. Averaging is the natural estimate of a taste from a few choices, and
+        # attention pooling alone (softmax over near-identical keys at init) learns it far more slowly.
+        weights = mask.to(h.dtype).unsqueeze(-1)
+        mean = (h * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
+        tokens = seeds + mean + self.pool(seeds, kv, kv, key_padding_mask=padding, need_weights=False)[0]
         tokens = tokens + self.pool_mlp(tokens)
         projected = self.proj_out(tokens)
         scaled = self.norm_out(projected)  # (B, K, d)

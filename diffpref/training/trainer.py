@@ -273,6 +273,7 @@ def train(cfg: TrainConfig) -> dict:
     evaluator = _make_evaluator(cfg, accelerator, raw_unet, pipeline_class, resolution)
     history: list[dict] = []
     extra_passes = 0
+    eval_seconds = 0.0  # intermediate evaluations, so that training time can be reported without them
     started = time.time()
     bar = tqdm(total=cfg.max_train_steps, initial=global_step, desc=f"train {cfg.method}",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -336,7 +337,9 @@ def train(cfg: TrainConfig) -> dict:
                 for k in (step_metrics[0] if step_metrics else {})}
         logs.update(lr=lr_scheduler.get_last_lr()[0], extra_forward_passes=extra_passes, skipped_steps=skipped_steps)
         if evaluator and cfg.eval_every and global_step % cfg.eval_every == 0 and global_step < cfg.max_train_steps:
+            eval_started = time.time()
             logs.update(evaluator(global_step))
+            eval_seconds += time.time() - eval_started
         accelerator.log(logs, step=global_step)
         history.append({"step": global_step, **logs})
         bar.update(1)
@@ -351,7 +354,9 @@ def train(cfg: TrainConfig) -> dict:
     assert_finite(params)
     save_checkpoint(accelerator, output_dir, global_step, {"global_step": global_step, "skipped_steps": skipped_steps},
                     cfg.checkpoints_total_limit)
-    summary = {"method": cfg.method, "steps": global_step, "wall_clock_s": round(time.time() - started, 1),
+    wall_clock = time.time() - started
+    summary = {"method": cfg.method, "steps": global_step, "wall_clock_s": round(wall_clock, 1),
+               "train_s": round(wall_clock - eval_seconds, 1), "eval_s": round(eval_seconds, 1),
                "skipped_steps": skipped_steps, "extra_forward_passes": extra_passes, "pairs": len(cache),
                "final": history[-1] if history else {}}
     if evaluator:

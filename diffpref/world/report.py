@@ -48,17 +48,20 @@ def _plot(out: Path, name: str, draw) -> str:
 
 def trainer_section(results: Path, out: Path) -> list[str]:
     lines = ["## Single-user preference tuning (LoRA on the embedded model)", "",
-             "| method | user | steps | wall-clock (s) | win rate vs base | adherence | base adherence |",
-             "|---|---|---|---|---|---|---|"]
+             "Wall-clock includes the intermediate oracle evaluations (every `eval_every` steps); "
+             "training time leaves them out.", "",
+             "| method | user | steps | wall-clock (s) | training (s) | win rate vs base | adherence | base adherence |",
+             "|---|---|---|---|---|---|---|---|"]
     curves = {}
     for method in METHODS:
         for user in USERS:
             summary = _read(results / f"{method}_{user}" / "summary.json")
             if summary is None:
-                lines.append(f"| {method} | {user} | missing | | | | |")
+                lines.append(f"| {method} | {user} | missing | | | | | |")
                 continue
             ev = summary.get("eval", {})
             lines.append(f"| {method} | {user} | {summary['steps']} | {summary['wall_clock_s']} | "
+                         f"{summary.get('train_s', '-')} | "
                          f"{ev.get('win_rate_vs_base', float('nan')):.3f} | {ev.get('adherence', float('nan')):.3f} | "
                          f"{ev.get('base_adherence', float('nan')):.3f} |")
             points = [(h["step"], h["win_rate_vs_base"]) for h in _history(results / f"{method}_{user}" / "history.jsonl")
