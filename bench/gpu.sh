@@ -2,6 +2,8 @@
 # GPU benchmarks of the training step (SD1.5 architecture, 512 px): LoRA and full fine-tuning, then UNet MFU.
 # Self-contained: wheels in .whl/ (if any) are installed offline into /tmp/site, nothing is downloaded.
 #   bash bench/gpu.sh            # from the repository root; JSON lines on stdout
+# Not in this set (not yet run on a GPU): `--method ppd` (add `--config sd15 --method ppd --batch-pairs 8`) and
+# personalized generation (`python bench/generate.py --json --device cuda`), see bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -15,6 +15,12 @@ separately loaded frozen reference UNet (also for LoRA), the VAE encoding both i
 encoder(s) running on every step, and the DPO loss written out inline. Image decoding is left out of
 both (the public scripts do it in DataLoader workers), which if anything flatters the reference loop.
 
+``--method ppd`` (personalization): "ours" is the trainer's PPD step (frozen base UNet with the
+decoupled user cross-attention; the user encoder head and the user projections train; user tokens
+from the cached backbone embeddings of k of the user's other pairs, ``PPDConditioner``; reference =
+the same UNet with no user). "reference" runs the VAE, the text encoder and the CLIP backbone on
+the context examples on every step, and a separate frozen copy of the base UNet as the reference.
+
 Both variants use the same UNet config, batch, optimizer and precision, and an objective check at
 start-up asserts that they compute the same loss on the same latents, noise and timesteps.
 Timing: both variants live in one process and their steps are interleaved (ABBA order) after warm-up,
@@ -50,12 +56,20 @@ from diffpref.models.builders import WORLD_SCHEDULER_CONFIG, WORLD_UNET_CONFIG  
 CONFIGS = ("embedded", "sd15", "sdxl")
 METHODS = ("dpo", "inpo", "ppd")
 GPU_ONLY = ("sd15", "sdxl")
-BETA = {"dpo": 5000.0, "inpo": 2000.0}  # trainer defaults, -beta/2 form
+BETA = {"dpo": 5000.0, "inpo": 2000.0, "ppd": 5000.0}  # trainer defaults, -beta/2 form
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 PROMPT_DROPOUT = 0.1
 INVERSION_STEPS = 10
 OBJECTIVE_TOLERANCE = 1e-3  # |loss_ours - loss_reference| on the check batch, fp32
+TOKENS_TOLERANCE = 1e-4  # PPD: |user tokens from the cached embeddings - from the backbone run live|
+# PPD: the trainer's defaults (TrainConfig ppd_*), the head width of configs/{embedded,sd15}_ppd.yaml, and
+# the user-encoder backbone: the shipped world CLIP, or (sd15/sdxl) a random-weight open_clip ViT-H-14
+# as configs/sd15_ppd.yaml uses. The data hold USERS users with one more pair each than the most shots.
+PPD_HIDDEN = {"embedded": 128, "sd15": 512, "sdxl": 512}
+PPD_BACKBONE = {"sd15": "ViT-H-14", "sdxl": "ViT-H-14"}
+PPD_PAIRS_PER_USER = 9  # one more than TrainConfig.ppd_shots_max (8): every k can be drawn
+USERS = 4  # the bench data's users (pair i belongs to user i % USERS)
 
 # ----------------------------------------------------------------------------- architectures
 # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5), written out so nothing is downloaded.
@@ -167,7 +181,7 @@ def write_pairs(workdir: Path, n_pairs: int, resolution: int, seed: int = 0) -> 
             Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(images_dir / name)
             names.append(f"images/{name}")
         lines.append(json.dumps({"prompt": prompt, "image_0": names[0], "image_1": names[1], "label": 1.0,
-                                 "user_id": f"u{i % 4}"}))
+                                 "user_id": f"u{i % USERS}"}))
         prompts.append(prompt)
     manifest = workdir / "pairs.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -189,6 +203,50 @@ def reference_inputs(manifest: Path, prompts: list[str], parts: dict, resolution
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return {"pixel_values": torch.stack(pixels), "input_ids": ids}
+
+
+def ppd_backbone(config: str, workdir: Path) -> str:
+    """The ``ppd_backbone`` of the bench run: 'embedded' (the shipped world CLIP), or for sd15/sdxl an
+    open_clip ``local-dir`` folder holding the real architecture with random weights (nothing downloaded)."""
+    if config == "embedded":
+        return "embedded"
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from safetensors.torch import save_file
+
+    name = PPD_BACKBONE[config]
+    folder = workdir / f"open_clip-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = open_clip.get_model_config(name)
+    preprocess_cfg = {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_DATASET_MEAN),
+                      "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    local_dir = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (folder / "open_clip_config.json").write_text(json.dumps(local_dir))
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)  # no pretrained tag: random weights
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    return str(folder)
+
+
+def load_ppd_backbone(backbone: str, device):
+    from diffpref.personalize.backbones import OpenClipBackbone
+
+    return OpenClipBackbone.from_pretrained(None if backbone == "embedded" else backbone, device=str(device))
+
+
+def ppd_reference_inputs(manifest: Path, backbone) -> dict:
+    """What a public PPD script's DataLoader would yield for the context examples: every pair's two images
+    CLIP-preprocessed [N, 2, 3, S, S], its prompt tokenized for CLIP, its label and its user."""
+    from PIL import Image
+
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    pixels = torch.stack([torch.stack([backbone.preprocess(Image.open(manifest.parent / r[k]).convert("RGB"))
+                                       for k in ("image_0", "image_1")]) for r in records])
+    users = sorted({r["user_id"] for r in records})
+    return {"clip_pixels": pixels, "clip_ids": backbone.tokenizer([r["prompt"] for r in records]),
+            "label": torch.tensor([float(r["label"]) for r in records]),
+            "user_index": torch.tensor([users.index(r["user_id"]) for r in records])}
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -236,11 +294,15 @@ class Variant:
         """Switch to the training precision and make the optimizer (after the objective check, which runs fp32)."""
         self.dtype = dtype
         self._cast(dtype)
-        self.params = [p for p in self.policy_unet.parameters() if p.requires_grad]
+        self.params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=LEARNING_RATE)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
-        self.policy_unet.train()
+        for module in self.trainable_modules():
+            module.train()
         self.step_index = 0
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.policy_unet]
 
     def _optimizer_step(self, loss):
         loss.backward()
@@ -259,7 +321,6 @@ class CachedTrainerStep(Variant):
     name = "ours"
 
     def __init__(self, unet, cache, schedule, method: str, lora_rank: int, batch_pairs: int, device, seed: int = 0):
-        from diffpref.training.conditioning import added_cond_kwargs
         from diffpref.training.trainer import adapters_disabled
 
         self.cache, self.schedule, self.method = cache, schedule, method
@@ -273,21 +334,24 @@ class CachedTrainerStep(Variant):
             self.policy_unet = unet.requires_grad_(True)
             self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
 
-        def denoiser(model):
-            def run(x, t, cond):
-                extra = added_cond_kwargs(self.policy_unet, cond, self.resolution, x.shape[0])
-                with _autocast(self.device, self.dtype):
-                    return model(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=extra).sample.float()
-            return run
-
-        self.policy = denoiser(self.policy_unet)
+        self.policy = self.denoiser(self.policy_unet)
         if self.is_lora:
             def reference(x, t, cond):
                 with adapters_disabled(self.policy_unet):
-                    return denoiser(self.policy_unet)(x, t, cond)
+                    return self.denoiser(self.policy_unet)(x, t, cond)
             self.reference = reference
         else:
-            self.reference = denoiser(self.reference_unet)
+            self.reference = self.denoiser(self.reference_unet)
+
+    def denoiser(self, model):
+        """The trainer's denoiser: eps of ``model`` given the cached conditioning (autocast on CUDA)."""
+        from diffpref.training.conditioning import added_cond_kwargs
+
+        def run(x, t, cond):
+            extra = added_cond_kwargs(self.policy_unet, cond, self.resolution, x.shape[0])
+            with _autocast(self.device, self.dtype):
+                return model(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=extra).sample.float()
+        return run
 
     def _cast(self, dtype):
         if self.is_lora:
@@ -300,6 +364,10 @@ class CachedTrainerStep(Variant):
 
         return paired_preference(batch, self.policy, self.reference, self.schedule, noise, t, beta, self.method,
                                  INVERSION_STEPS, 0.0, generator)
+
+    def condition(self, batch, indices, generators):
+        """Extra conditioning of the batch, in place; returns an auxiliary loss or None (none for DPO/InPO)."""
+        return None
 
     def step(self) -> float:
         from diffpref.training import randomness
@@ -314,12 +382,58 @@ class CachedTrainerStep(Variant):
         noise = randomness.per_sample_noise(gens, tuple(items[0]["latents_0"].shape))
         batch = _to_device(_collate(items, self.cache.empty_prompt_cond, drop), self.device, torch.float32)
         noise, t = noise.to(self.device), t.to(self.device)
+        aux_loss = self.condition(batch, indices, gens)
         inversion_gen = torch.Generator().manual_seed(randomness.mix(self.seed, step, 0, 0x1A0))
         out = self.objective(batch, noise, t, BETA[self.method], inversion_gen)
-        loss = out.loss.mean()
+        loss = out.loss.mean() if aux_loss is None else out.loss.mean() + aux_loss.mean()
         grad_norm = self._optimizer_step(loss)
         # The trainer logs loss, metrics and the grad norm every step: host syncs it pays, so we pay them too.
         return float(loss.item()) + 0.0 * sum(out.metrics.values()) + 0.0 * float(grad_norm)
+
+
+class CachedTrainerPPDStep(CachedTrainerStep):
+    """The trainer's PPD step: ``PPDConditioner`` appends user tokens, the reference is the same UNet with no user."""
+
+    def __init__(self, unet, cache, schedule, batch_pairs: int, device, ppd: dict, config: str, seed: int = 0):
+        from accelerate import PartialState
+
+        from diffpref.personalize.training import PPDConditioner
+
+        self.cache, self.schedule, self.method = cache, schedule, "dpo"  # PPD's objective is Diffusion-DPO
+        self.batch_pairs, self.device, self.seed, self.dtype = batch_pairs, device, seed, torch.float32
+        self.resolution, self.is_lora, self.reference_unet = cache.resolution, False, None
+        # As the trainer: the base is frozen before the user attention is installed; the head's init is seeded.
+        self.policy_unet = unet.to(device).requires_grad_(False)
+        torch.manual_seed(seed)
+        state = PartialState(cpu=device.type == "cpu")  # what PPDConditioner.build reads of the accelerator
+        self.user = PPDConditioner.build(ppd_train_config(config, ppd), self.policy_unet, cache, state)
+
+        self.policy = self.denoiser(self.policy_unet)
+
+        def reference(x, t, cond):  # the base model: the same UNet, no user (zero tokens add exactly nothing)
+            return self.policy(x, t, {**cond, "prompt_embeds": self.user.without_user(cond["prompt_embeds"])})
+
+        self.reference = reference
+
+    def trainable_modules(self):
+        return [self.policy_unet, self.user.encoder]
+
+    def _cast(self, dtype):
+        _cast_frozen(self.policy_unet, dtype)  # frozen base in dtype, user projections fp32; the head stays fp32
+
+    def condition(self, batch, indices, generators):
+        # PPDConditioner.condition -> (text + user tokens, auxiliary loss or None, metrics), as the trainer reads it
+        batch["cond"]["prompt_embeds"], aux_loss, _ = self.user.condition(batch["cond"]["prompt_embeds"], indices,
+                                                                          generators)
+        return aux_loss
+
+
+def ppd_train_config(config: str, ppd: dict):
+    """The trainer's config of a PPD run on the bench data (TrainConfig defaults otherwise)."""
+    from diffpref.training.config import TrainConfig
+
+    return TrainConfig(method="ppd", data_path=ppd["data_path"], ppd_backbone=ppd["backbone"], lora_rank=0,
+                       ppd_hidden=PPD_HIDDEN[config], report_to="none")
 
 
 # ----------------------------------------------------------------------------- reference style
@@ -366,8 +480,14 @@ class ReferenceStyleStep(Variant):
         add_time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=pooled.dtype)
         return torch.cat(embeds, dim=-1), {"text_embeds": pooled, "time_ids": add_time_ids.repeat(len(input_ids), 1)}
 
-    def dpo_loss(self, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs, beta):
-        """The public script's loss: latents/noise/timesteps are [2B] with winners first."""
+    def dpo_loss(self, latents, noise, timesteps, encoder_hidden_states, added_cond_kwargs, beta,
+                 ref_encoder_hidden_states=None):
+        """The public script's loss: latents/noise/timesteps are [2B] with winners first.
+
+        ``ref_encoder_hidden_states``: the reference UNet's text conditioning when it differs from the
+        policy's (PPD: the policy also reads the user tokens, the reference is the plain base model)."""
+        if ref_encoder_hidden_states is None:
+            ref_encoder_hidden_states = encoder_hidden_states
         if self.method == "inpo":
             from diffpref.inversion import ddim_invert
 
@@ -387,7 +507,7 @@ class ReferenceStyleStep(Variant):
         model_losses_w, model_losses_l = model_losses.chunk(2)
         model_diff = model_losses_w - model_losses_l
         with torch.no_grad(), _autocast(self.device, self.dtype):
-            ref_pred = self.ref_unet(noisy_latents, timesteps, encoder_hidden_states,
+            ref_pred = self.ref_unet(noisy_latents, timesteps, ref_encoder_hidden_states,
                                      added_cond_kwargs=added_cond_kwargs).sample.detach()
             ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=[1, 2, 3])
             ref_losses_w, ref_losses_l = ref_losses.chunk(2)
@@ -411,16 +531,97 @@ class ReferenceStyleStep(Variant):
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=self.device)
         timesteps = timesteps.repeat(2).long()
         encoder_hidden_states, added = self.encode_prompt(self.input_ids[idx])
+        encoder_hidden_states, ref_encoder_hidden_states = self.condition(encoder_hidden_states, idx)
         encoder_hidden_states = encoder_hidden_states.repeat(2, 1, 1)
+        if ref_encoder_hidden_states is not None:
+            ref_encoder_hidden_states = ref_encoder_hidden_states.repeat(2, 1, 1)
         if added is not None:
             added = {k: v.repeat(2, 1) for k, v in added.items()}
-        loss, implicit_acc = self.dpo_loss(latents, noise, timesteps, encoder_hidden_states, added, BETA[self.method])
+        loss, implicit_acc = self.dpo_loss(latents, noise, timesteps, encoder_hidden_states, added, BETA[self.method],
+                                           ref_encoder_hidden_states)
         grad_norm = self._optimizer_step(loss)
         return float(loss.item()) + 0.0 * float(implicit_acc) + 0.0 * float(grad_norm)
 
+    def condition(self, encoder_hidden_states, idx):
+        """(policy conditioning, reference conditioning or None when it is the same)."""
+        return encoder_hidden_states, None
+
+
+class ReferenceStylePPDStep(ReferenceStyleStep):
+    """PPD written as public code would: the VAE, the text encoder and the CLIP backbone (on each sample's
+    context examples) run on every step, and the reference is a separate frozen copy of the base UNet."""
+
+    def __init__(self, unet, reference_unet, parts: dict, data: dict, batch_pairs: int, resolution: int, device,
+                 backbone, encoder, num_tokens: int, cfg, seed: int = 0):
+        from diffpref.personalize.attention import install_user_attention
+
+        super().__init__(unet, reference_unet, parts, data, "ppd", 0, batch_pairs, resolution, device, seed)
+        self.policy_unet.requires_grad_(False)
+        install_user_attention(self.policy_unet, num_tokens, blocks=cfg.ppd_blocks if cfg.ppd_blocks == "all"
+                               else [b.strip() for b in cfg.ppd_blocks.split(",") if b.strip()])
+        self.clip = backbone.model.to(device)  # frozen, eval
+        self.encoder = encoder.to(device)
+        self.num_tokens, self.cfg = num_tokens, cfg
+        # What the public scripts' DataLoader yields (decoded, CLIP-preprocessed, tokenized): free for this loop.
+        self.clip_pixels, self.clip_ids = data["clip_pixels"], data["clip_ids"]
+        self.label, self.user_index = data["label"], data["user_index"]
+
+    def trainable_modules(self):
+        return [self.policy_unet, self.encoder]
+
+    def _cast(self, dtype):
+        _cast_frozen(self.policy_unet, dtype)
+        self.ref_unet.to(dtype)
+        self.vae.to(dtype)
+        self.clip.to(dtype)
+        for encoder in self.text_encoders:
+            encoder.to(dtype)
+
+    def sample_context(self, idx) -> list[torch.Tensor]:
+        """k in [shots_min, shots_max] of each sample's user's other pairs (as the trainer draws them)."""
+        rows = []
+        for row in idx.tolist():
+            others = _other_pairs(self.user_index, row)  # never the pair being trained on
+            k = min(int(torch.randint(self.cfg.ppd_shots_min, self.cfg.ppd_shots_max + 1, (1,))), len(others))
+            rows.append(others[torch.randperm(len(others))[:k]])
+        return rows
+
+    def user_tokens(self, context: list[torch.Tensor]) -> torch.Tensor:
+        """The backbone on every context example (prompt, preferred, rejected), then the trainable head."""
+        from diffpref.personalize.backbones import example_features_from_embeddings
+
+        flat = torch.cat(context)
+        first = (self.label[flat] >= 0.5).view(-1, 1, 1, 1)
+        pixels = self.clip_pixels[flat]  # (n, 2, 3, S, S)
+        preferred = torch.where(first, pixels[:, 0], pixels[:, 1])
+        rejected = torch.where(first, pixels[:, 1], pixels[:, 0])
+        with torch.no_grad(), _autocast(self.device, self.dtype):
+            images = self.clip.encode_image(torch.cat([preferred, rejected]).to(self.device, self.dtype)).float()
+            text = self.clip.encode_text(self.clip_ids[flat].to(self.device)).float()
+        features = example_features_from_embeddings(text, images[:len(flat)], images[len(flat):])
+        k_max = max(len(c) for c in context)
+        padded = features.new_zeros(len(context), k_max, features.shape[-1])
+        mask = torch.zeros(len(context), k_max, dtype=torch.bool, device=features.device)
+        start = 0
+        for b, rows in enumerate(context):
+            padded[b, :len(rows)] = features[start:start + len(rows)]
+            mask[b, :len(rows)] = True
+            start += len(rows)
+        return self.encoder(padded, mask)
+
+    def condition(self, encoder_hidden_states, idx):
+        from diffpref.personalize.attention import concat_user_tokens
+
+        tokens = self.user_tokens(self.sample_context(idx))
+        keep = (torch.rand(len(idx)) >= self.cfg.ppd_user_dropout).to(tokens.device, tokens.dtype)
+        tokens = tokens * keep.view(-1, 1, 1)  # user dropout: zero tokens = no user
+        with_user = concat_user_tokens(encoder_hidden_states, tokens.to(encoder_hidden_states.dtype), self.num_tokens)
+        return with_user, encoder_hidden_states
+
 
 # ----------------------------------------------------------------------------- building both
-def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, device):
+def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, device, ppd: dict | None = None):
+    """``ppd``: {"data_path": the pair manifest, "backbone": the ppd_backbone} for ``--method ppd``."""
     from diffpref.training.objectives import NoiseSchedule
 
     from diffusers import DDIMScheduler
@@ -428,8 +629,21 @@ def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, de
     scheduler = parts["scheduler"] if parts else DDIMScheduler(**WORLD_SCHEDULER_CONFIG)
     if kind == "ours":
         schedule = NoiseSchedule(scheduler.alphas_cumprod.clone(), scheduler.config.get("prediction_type", "epsilon"))
+        if args.method == "ppd":
+            return CachedTrainerPPDStep(base_unet, cache, schedule, args.batch_pairs, device, ppd, args.config)
         return CachedTrainerStep(base_unet, cache, schedule, args.method, args.lora_rank, args.batch_pairs, device)
     reference_unet = copy.deepcopy(base_unet)  # "loaded twice": a separate frozen copy, even for LoRA
+    if args.method == "ppd":
+        from diffpref.personalize.encoder import UserEncoder
+
+        cfg = ppd_train_config(args.config, ppd)
+        backbone = load_ppd_backbone(ppd["backbone"], device)
+        # The trainer's head (PPDConditioner.build); perturb_and_share gives it ours' weights.
+        encoder = UserEncoder(feature_dim=backbone.feature_dim, num_tokens=cfg.ppd_num_tokens,
+                              token_dim=int(base_unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
+                              layers=cfg.ppd_layers, heads=cfg.ppd_heads, output_scale_init=cfg.ppd_token_scale_init)
+        return ReferenceStylePPDStep(base_unet, reference_unet, parts, data, args.batch_pairs, RESOLUTION[args.config],
+                                     device, backbone, encoder, cfg.ppd_num_tokens, cfg)
     return ReferenceStyleStep(base_unet, reference_unet, parts, data, args.method, args.lora_rank, args.batch_pairs,
                               RESOLUTION[args.config], device)
 
@@ -439,12 +653,14 @@ def perturb_and_share(ours: CachedTrainerStep, reference: ReferenceStyleStep, se
     """Move the trainable weights off their init (LoRA B starts at 0, so policy == reference would make the
     objective check trivial), identically in both variants."""
     gen = torch.Generator().manual_seed(seed)
-    for p in ours.policy_unet.parameters():
-        if p.requires_grad:
-            scale = 0.02 if ours.is_lora else 1e-3 * (float(p.abs().mean()) + 1e-3)
-            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.device))
-    missing, unexpected = reference.policy_unet.load_state_dict(ours.policy_unet.state_dict(), strict=True)
-    assert not missing and not unexpected
+    for module in ours.trainable_modules():
+        for p in module.parameters():
+            if p.requires_grad:
+                scale = 0.02 if ours.is_lora else 1e-3 * (float(p.abs().mean()) + 1e-3)
+                p.add_(scale * torch.randn(p.shape, generator=gen).to(p.device))
+    for own, theirs in zip(ours.trainable_modules(), reference.trainable_modules(), strict=True):
+        missing, unexpected = theirs.load_state_dict(own.state_dict(), strict=True)
+        assert not missing and not unexpected
 
 
 @torch.no_grad()
@@ -464,36 +680,72 @@ def objective_check(ours: CachedTrainerStep, reference: ReferenceStyleStep, n_pa
         noise = torch.randn((n_pairs, *items[0]["latents_0"].shape), generator=gen).to(device)
         t = torch.randint(0, 1000, (n_pairs,), generator=gen).to(device)
         beta = BETA[ours.method]
+        cond = batch["cond"]
+        embeds, ref_embeds, extra = cond["prompt_embeds"], None, {}
+        if isinstance(ours, CachedTrainerPPDStep):
+            # The same 2 context pairs per sample: ours reads their cached embeddings, the reference runs the backbone.
+            from diffpref.personalize.attention import concat_user_tokens
+
+            context = [_other_pairs(reference.user_index, i)[:2] for i in range(n_pairs)]
+            features = torch.stack([ours.user.bank.features(rows) for rows in context]).to(device)
+            tokens_ours, tokens_reference = ours.user.encoder(features), reference.user_tokens(context)
+            extra["user_tokens_abs_diff"] = float((tokens_ours - tokens_reference).abs().max())
+            if not extra["user_tokens_abs_diff"] <= TOKENS_TOLERANCE:
+                raise AssertionError(f"user tokens differ: {extra['user_tokens_abs_diff']:.2e} > {TOKENS_TOLERANCE}")
+            num_tokens = ours.user.num_tokens
+            cond["prompt_embeds"] = concat_user_tokens(embeds, tokens_ours, num_tokens)
+            embeds, ref_embeds = concat_user_tokens(embeds, tokens_reference, num_tokens), embeds.repeat(2, 1, 1)
         loss_ours = ours.objective(batch, noise, t, beta).loss.mean()
         latents = torch.cat([batch["latents_0"], batch["latents_1"]])
-        cond = batch["cond"]
-        embeds = cond["prompt_embeds"].repeat(2, 1, 1)
         added = added_cond_kwargs(ours.policy_unet, {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in cond.items()},
                                   ours.resolution, 2 * n_pairs)
-        loss_reference, _ = reference.dpo_loss(latents, noise.repeat(2, 1, 1, 1), t.repeat(2), embeds, added, beta)
+        loss_reference, _ = reference.dpo_loss(latents, noise.repeat(2, 1, 1, 1), t.repeat(2), embeds.repeat(2, 1, 1),
+                                               added, beta, ref_embeds)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     diff = abs(float(loss_ours) - float(loss_reference))
     if not diff <= OBJECTIVE_TOLERANCE:
         raise AssertionError(f"objective mismatch: ours {float(loss_ours):.6f} vs reference "
                              f"{float(loss_reference):.6f} (|diff| {diff:.2e} > {OBJECTIVE_TOLERANCE})")
-    return {"objective_loss": round(float(loss_ours), 6), "objective_abs_diff": diff}
+    return {"objective_loss": round(float(loss_ours), 6), "objective_abs_diff": diff, **extra}
 
 
-def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device) -> tuple:
-    """Write the pair data, build the trainer's cache from it (timed), and the reference loop's inputs."""
+def _other_pairs(user_index: torch.Tensor, row: int) -> torch.Tensor:
+    """The rows of ``row``'s user other than ``row`` (its context candidates), in data order."""
+    others = (user_index == user_index[row]).nonzero().flatten()
+    return others[others != row]
+
+
+def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, method: str = "dpo") -> tuple:
+    """Write the pair data, build the trainer's cache from it (timed), and the reference loop's inputs.
+
+    PPD: also the trainer's context bank (every pair's backbone embeddings, saved beside the latent
+    cache, where ``PPDConditioner.build`` finds it; timed with the cache) and the reference loop's
+    CLIP inputs. Returns (cache, data, encode seconds, ppd set-up or None)."""
     from diffpref.training.cache import build_preference_cache
 
     resolution = RESOLUTION[config]
     manifest, prompts = write_pairs(workdir, n_pairs, resolution)
     pipe = make_pipeline(config, parts)
     pipe.to(device)
+    ppd = None
+    if method == "ppd":
+        ppd = {"data_path": str(manifest), "backbone": ppd_backbone(config, workdir)}
+        backbone = load_ppd_backbone(ppd["backbone"], device)
     started = time.perf_counter()
     cache = build_preference_cache(pipe, manifest, workdir / "cache", resolution=resolution, progress=False)
+    if ppd is not None:
+        from diffpref.personalize.context import build_context_bank
+
+        cfg = ppd_train_config(config, ppd)
+        build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone, progress=False)
     _sync(device)
     encode_s = time.perf_counter() - started
     data = reference_inputs(manifest, prompts, parts, resolution)
-    return cache, data, encode_s
+    if ppd is not None:
+        data.update(ppd_reference_inputs(manifest, backbone))
+        del backbone
+    return cache, data, encode_s, ppd
 
 
 # ----------------------------------------------------------------------------- timing
@@ -555,6 +807,11 @@ def _memory_worker(args) -> dict:
         getattr(diffusers, name)
     for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"):
         getattr(transformers, name)
+    if args.method == "ppd":
+        import accelerate  # noqa: F401
+        import open_clip  # noqa: F401
+
+        import diffpref.personalize.training  # noqa: F401
     device = torch.device(args.device)
     rss_after_imports_kb = _proc_status_kb("VmRSS")
     spec = json.loads(Path(args.worker_dir, "spec.json").read_text())
@@ -562,12 +819,13 @@ def _memory_worker(args) -> dict:
     if args.worker == "ours":
         from diffpref.training.cache import PreferenceCache
 
-        variant = make_variant("ours", args, None, build_unet(args.config), PreferenceCache(spec["cache"]), None, device)
+        cache = PreferenceCache(spec["cache"])
+        variant = make_variant("ours", args, None, build_unet(args.config), cache, None, device, spec["ppd"])
     else:
         parts = build_components(args.config, Path(args.worker_dir) / "child", unet=False)
         parts["unet"] = None
         data = torch.load(spec["data"], weights_only=True)
-        variant = make_variant("reference", args, parts, build_unet(args.config), None, data, device)
+        variant = make_variant("reference", args, parts, build_unet(args.config), None, data, device, spec["ppd"])
         del parts
     variant.finalize(dtype)
     gc.collect()
@@ -597,10 +855,10 @@ def _memory_worker(args) -> dict:
             "step_times": step_times}
 
 
-def measure_memory(args, workdir: Path, cache, data, dtype) -> dict[str, dict]:
+def measure_memory(args, workdir: Path, cache, data, dtype, ppd: dict | None = None) -> dict[str, dict]:
     torch.save(data, workdir / "reference_data.pt")
     (workdir / "spec.json").write_text(json.dumps({"cache": str(cache.path), "data": str(workdir / "reference_data.pt"),
-                                                   "dtype": str(dtype).removeprefix("torch.")}))
+                                                   "dtype": str(dtype).removeprefix("torch."), "ppd": ppd}))
     results = {}
     for kind in ("ours", "reference"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--worker-dir", str(workdir),
@@ -621,14 +879,15 @@ def run_one(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="diffpref_bench_") as tmp:
         workdir = Path(tmp)
         parts = build_components(args.config, workdir)
-        n_pairs = max(2 * args.batch_pairs, 4)
-        cache, data, encode_s = build_cache(args.config, parts, workdir, n_pairs, device)
+        # PPD: enough pairs per user that every number of shots can be drawn (the context never holds the pair itself)
+        n_pairs = max(2 * args.batch_pairs, USERS * (PPD_PAIRS_PER_USER if args.method == "ppd" else 1))
+        cache, data, encode_s, ppd = build_cache(args.config, parts, workdir, n_pairs, device, args.method)
         base_unet = parts.pop("unet").cpu()
         for key in ("vae", "text_encoder", "text_encoder_2"):  # back to the CPU until the reference loop takes them
             if parts.get(key) is not None:
                 parts[key].cpu()
-        ours = make_variant("ours", args, parts, copy.deepcopy(base_unet), cache, data, device)
-        reference = make_variant("reference", args, parts, base_unet, cache, data, device)
+        ours = make_variant("ours", args, parts, copy.deepcopy(base_unet), cache, data, device, ppd)
+        reference = make_variant("reference", args, parts, base_unet, cache, data, device, ppd)
         perturb_and_share(ours, reference)
         check = objective_check(ours, reference)
         timings = {}
@@ -640,7 +899,7 @@ def run_one(args) -> dict:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the memory workers need the card to themselves
-        memory = measure_memory(args, workdir, cache, data, dtype)
+        memory = measure_memory(args, workdir, cache, data, dtype, ppd)
         if args.sequential:
             timings = {kind: memory[kind]["step_times"] for kind in memory}
     median = {k: statistics.median(v) for k, v in timings.items()}
@@ -661,6 +920,8 @@ def run_one(args) -> dict:
         "ref_setup_mem_mb": round(memory["reference"]["setup_mem_mb"], 1),
         "cache_encode_s_per_pair": round(encode_s / n_pairs, 4), "mem_method": memory["ours"]["mem_method"],
         "dtype": str(dtype).removeprefix("torch."), **check,
+        **({"ppd_backbone": PPD_BACKBONE.get(args.config, "embedded world CLIP"), "ppd_pairs": n_pairs,
+            "ppd_users": USERS} if args.method == "ppd" else {}),
     }
 
 
@@ -734,8 +995,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", nargs="+", default=["embedded"], choices=CONFIGS,
                         help="model architecture(s): embedded (64 px, CPU ok), sd15 (512 px), sdxl (1024 px)")
     parser.add_argument("--method", nargs="+", default=["dpo"], choices=METHODS, help="objective(s)")
-    parser.add_argument("--lora-rank", nargs="+", type=int, default=[8],
-                        help="LoRA rank(s); 0 = full fine-tuning with a frozen reference copy")
+    parser.add_argument("--lora-rank", nargs="+", type=int, default=None,
+                        help="LoRA rank(s) of dpo/inpo, default 8; 0 = full fine-tuning with a frozen reference copy. "
+                             "ppd ignores it: the base stays frozen, the user encoder head and user projections train")
     parser.add_argument("--batch-pairs", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median taken; >= 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (>= 2)")
@@ -752,15 +1014,23 @@ def parse_args(argv=None):
         parser.error(f"--repeats {args.repeats} / --warmup {args.warmup}: use at least 5 timed and 2 warm-up steps")
     if args.batch_pairs < 1:
         parser.error(f"--batch-pairs {args.batch_pairs} must be >= 1")
-    if any(r < 0 for r in args.lora_rank):
+    if args.lora_rank is not None and any(r < 0 for r in args.lora_rank):
         parser.error(f"--lora-rank {args.lora_rank}: ranks must be >= 0 (0 = full fine-tuning)")
     return args
+
+
+def ranks_for(args, method: str) -> list[int]:
+    """--lora-rank, or its default 8, for dpo/inpo; always 0 for ppd (no LoRA: as configs/*_ppd.yaml)."""
+    if method == "ppd":
+        return [0]
+    return args.lora_rank if args.lora_rank is not None else [8]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:  # a memory child: one (config, method, rank) combination, JSON on the last line
-        args.config, args.method, args.lora_rank = args.config[0], args.method[0], args.lora_rank[0]
+        args.config, args.method = args.config[0], args.method[0]
+        args.lora_rank = ranks_for(args, args.method)[0]
         result = _memory_worker(args)
         print(json.dumps(result))
         return 0
@@ -771,14 +1041,10 @@ def main(argv=None) -> int:
               "and needs a CUDA GPU; on a CPU one step takes many minutes. Use --config embedded, or pass "
               "--allow-cpu to run it anyway.", file=sys.stderr)
         return 2
-    if "ppd" in args.method:
-        print("error: --method ppd is not available yet: the PPD module (user-conditioned preference training) "
-              "does not exist in diffpref. Use --method dpo or inpo.", file=sys.stderr)
-        return 2
     results = []
     for config in args.config:
         for method in args.method:
-            for rank in args.lora_rank:
+            for rank in ranks_for(args, method):
                 one = argparse.Namespace(**{**vars(args), "config": config, "method": method, "lora_rank": rank})
                 results.append(run_flops(one) if args.flops else run_one(one))
                 if args.flops:

@@ -70,8 +70,7 @@ def cmd_generate(args) -> int:
     summary = generate_to_folder(
         pipe, plan_jobs(prompts, args.num_images, args.seed, users), args.out, batch_size=args.batch_size, steps=steps,
         guidance_scale=args.guidance_scale, model_name=args.model, user_tokens=user_tokens, user_scale=args.user_scale,
-        extra_metadata=extra, progress=state.is_local_main_process, process_index=state.process_index,
-        num_processes=state.num_processes,
+        extra_metadata=extra, progress=state.is_local_main_process, state=state,
     )
     state.wait_for_everyone()
     if state.is_main_process:

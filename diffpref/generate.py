@@ -135,17 +135,30 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
                        steps: int = EMBEDDED_STEPS, guidance_scale: float | None = None, model_name: str = "",
                        progress: bool = True, extra_metadata: dict | None = None,
                        user_tokens: dict[str, torch.Tensor] | None = None, user_scale: float = 1.0,
-                       process_index: int = 0, num_processes: int = 1) -> dict:
+                       state=None) -> dict:
     """Write each job's PNG and one metadata line; jobs already recorded are skipped.
 
-    With several processes, each takes every ``num_processes``-th pending job and writes its own
-    ``metadata.rank{i}.jsonl``; ``merge_metadata`` folds them into ``metadata.jsonl`` afterwards.
+    ``state`` is accelerate's ``PartialState`` under ``accelerate launch`` / ``torchrun``: the
+    pending jobs are split with its ``split_between_processes``, and each process writes its own
+    ``metadata.rank{i}.jsonl`` (``merge_metadata`` folds them into ``metadata.jsonl`` afterwards).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    num_processes = state.num_processes if state is not None else 1
+    process_index = state.process_index if state is not None else 0
+    if process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if num_processes > 1:
+        state.wait_for_everyone()
     done = _done_files(out)
     todo = [job for job in jobs if job.filename not in done]
-    mine = todo[process_index::num_processes]
+    if num_processes > 1:
+        # Every process must split the same list: none may write before all have read what is done,
+        # or a fast process's new files would shift a slow one's split (duplicates and gaps).
+        state.wait_for_everyone()
+        with state.split_between_processes(todo) as share:
+            mine = list(share)
+    else:
+        mine = todo
     metadata_path = out / ("metadata.jsonl" if num_processes == 1 else f"metadata.rank{process_index}.jsonl")
     guidance = default_guidance(pipe) if guidance_scale is None else guidance_scale
     if metadata_path.exists() and metadata_path.stat().st_size and not metadata_path.read_bytes().endswith(b"\n"):

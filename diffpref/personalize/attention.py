@@ -21,6 +21,11 @@ Caveat: once installed, the UNet ALWAYS treats the last ``num_user_tokens`` posi
 Calling it with plain text embeddings silently drops the last text tokens; always go through
 `concat_user_tokens` (with ``None`` for "no user").
 
+Generation: the user tokens stay the same for every denoising step, so a pipeline runs its loop
+inside `fixed_user_tokens(unet)`: each user layer then projects K'/V' once per generation instead of
+once per step, and only for the batch rows that hold a user (the zero "no user" rows, e.g. the
+classifier-free-guidance unconditional half, add exactly nothing, so their user attention is skipped).
+
 Another caveat (STYLE.md traps): ``pipe.enable_xformers_memory_efficient_attention()`` replaces
 every attention processor with a plain xformers one and silently drops the user branch. Call
 `guard_xformers_switch(pipe)` once after installing, and `assert_user_attention_intact(unet)`
@@ -29,7 +34,8 @@ where it matters (before training, before saving).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +128,9 @@ class UserAttnProcessor(nn.Module):
         self.backend = "sdpa"
         self.attention_op: Callable | None = None
         self.set_backend(backend)
+        # Set by `fixed_user_tokens`: reuse the user's K'/V' from call to call (see _fixed_user_projections).
+        self.reuse_user_projections = False
+        self._fixed: tuple | None = None
 
     def set_backend(self, backend: str, attention_op: Callable | None = None) -> None:
         """'sdpa' (default) or 'xformers' (needs CUDA and xformers; raises RuntimeError otherwise)."""
@@ -151,6 +160,39 @@ class UserAttnProcessor(nn.Module):
         return F.scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, dropout_p=0.0, is_causal=False
         )
+
+    def _project_user(self, attn, user_states, head_dim, dtype):
+        """User tokens (batch, K, D) -> K', V' (batch, K, heads, head_dim)."""
+        user_states = user_states.to(self.to_k_user.weight.dtype)
+        user_key = self.to_k_user(user_states).to(dtype).view(user_states.shape[0], -1, attn.heads, head_dim)
+        user_value = self.to_v_user(user_states).to(dtype).view(user_states.shape[0], -1, attn.heads, head_dim)
+        if attn.norm_k is not None:
+            user_key = attn.norm_k(user_key)
+        return user_key, user_value
+
+    def _fixed_user_projections(self, attn, user_states, head_dim, dtype):
+        """(rows, K', V') of the rows that hold a user, computed once while the same user tokens come back.
+
+        "The same" is the same tensor memory, unchanged: storage address, shape and strides, and the
+        version counter that every in-place write bumps (and the same projection weights, by the same
+        test). The cache holds references to the tokens' and the weights' memory, so no other tensor can
+        take those addresses while it lives. Zero rows ("no user") are left out: their V' is 0, they add
+        exactly nothing.
+        """
+        weights = (self.to_k_user.weight, self.to_v_user.weight)
+        signature = (user_states.data_ptr(), tuple(user_states.shape), user_states.stride(), user_states._version,
+                     user_states.dtype, dtype, *((w.data_ptr(), w._version) for w in weights))
+        if self._fixed is None or self._fixed[0] != signature:
+            # a host sync (on a GPU), once per generation and layer
+            found = user_states.flatten(1).ne(0).any(1).nonzero().flatten().tolist()
+            user_key = user_value = rows = None
+            if found:
+                # consecutive rows (the guidance batch is [unconditional, conditional]) index as a view, not a copy
+                consecutive = found == list(range(found[0], found[-1] + 1))
+                rows = slice(found[0], found[-1] + 1) if consecutive else torch.tensor(found, device=user_states.device)
+                user_key, user_value = self._project_user(attn, user_states[rows], head_dim, dtype)
+            self._fixed = (signature, (user_states, *(w.detach() for w in weights)), rows, user_key, user_value)
+        return self._fixed[2:]
 
     def __call__(
         self,
@@ -202,12 +244,18 @@ class UserAttnProcessor(nn.Module):
         hidden_states = self._attention(attn, query, key, value, text_mask)
 
         # scale 0 means "no user": the branch is not computed, the output is the text-only one bit for bit
-        if self.scale != 0:
-            user_states = user_states.to(self.to_k_user.weight.dtype)
-            user_key = self.to_k_user(user_states).to(query.dtype).view(batch_size, -1, attn.heads, head_dim)
-            user_value = self.to_v_user(user_states).to(query.dtype).view(batch_size, -1, attn.heads, head_dim)
-            if attn.norm_k is not None:
-                user_key = attn.norm_k(user_key)
+        if self.scale != 0 and self.reuse_user_projections and not torch.is_grad_enabled():
+            # inside `fixed_user_tokens`: K'/V' from the first step, the user attention on the user rows only
+            rows, user_key, user_value = self._fixed_user_projections(attn, user_states, head_dim, query.dtype)
+            if rows is not None:  # None: no row holds a user
+                user_mask = attn.prepare_attention_mask(user_mask, self.num_user_tokens, batch_size)
+                if user_mask is not None:  # (batch * heads, q, K) -> the rows' (rows * heads, q, K)
+                    user_mask = user_mask.unflatten(0, (batch_size, attn.heads))[rows].flatten(0, 1)
+                user_hidden_states = self._attention(attn, query[rows], user_key, user_value, user_mask)
+                # in place is safe: no autograd here, and hidden_states is this call's own attention output
+                hidden_states[rows] += self.scale * user_hidden_states
+        elif self.scale != 0:
+            user_key, user_value = self._project_user(attn, user_states, head_dim, query.dtype)
             user_mask = attn.prepare_attention_mask(user_mask, self.num_user_tokens, batch_size)
             user_hidden_states = self._attention(attn, query, user_key, user_value, user_mask)
             hidden_states = hidden_states + self.scale * user_hidden_states
@@ -413,6 +461,28 @@ def set_user_scale(unet, scale: float) -> None:
     """Scale of the user branch in every user layer; 0 = "no user" (the branch is skipped)."""
     for processor in user_attention_processors(unet).values():
         processor.scale = float(scale)
+
+
+@contextlib.contextmanager
+def fixed_user_tokens(unet) -> Iterator[None]:
+    """Inside, the UNet is called again and again with the same user tokens (one generation's steps).
+
+    Each user layer then projects the user tokens to K'/V' on the first call only and reuses them
+    while the same tokens come back (new or modified tokens are projected again), and runs the user
+    attention on the batch rows that hold a user only: the zero user adds exactly nothing, so the
+    classifier-free-guidance unconditional half costs nothing extra. Only under ``torch.no_grad()``;
+    with gradients enabled the layers compute everything on every call, as outside.
+    """
+    processors = list(user_attention_processors(unet).values())
+    before = [processor.reuse_user_projections for processor in processors]
+    for processor in processors:
+        processor.reuse_user_projections = True
+    try:
+        yield
+    finally:
+        for processor, previous in zip(processors, before):
+            processor.reuse_user_projections = previous
+            processor._fixed = None  # drop the cached projections and the tokens they hold
 
 
 def set_user_attention_backend(unet, backend: str, attention_op: Callable | None = None) -> None:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from diffpref.personalize.adapter import ATTENTION_NAME, CONFIG_NAME, load_backbone, load_ppd_adapter
 from diffpref.personalize.attention import (
     concat_user_tokens,
+    fixed_user_tokens,
     guard_xformers_switch,
     install_user_attention,
     load_user_attention_state_dict,
@@ -128,7 +129,9 @@ class PersonalizedPipeline(StableDiffusionPipeline):
         if negative_embeds is not None:
             # The unconditional branch sees no user, so guidance also pushes towards the user's taste.
             negative_embeds = concat_user_tokens(negative_embeds, None, self.num_user_tokens)
-        # 3. Denoise with the user branch scaled (0 skips it: bit-identical to the base model)
+        # 3. Denoise with the user branch scaled (0 skips it: bit-identical to the base model). The user
+        #    tokens are the same at every step: each layer projects them once, for the user rows only.
         set_user_scale(self.unet, float(user_scale) if has_user else 0.0)
-        return super().__call__(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                                guidance_scale=guidance_scale, **kwargs)
+        with fixed_user_tokens(self.unet):
+            return super().__call__(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                                    guidance_scale=guidance_scale, **kwargs)

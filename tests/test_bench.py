@@ -1,0 +1,137 @@
+"""The benchmark scripts run end to end at their smallest settings, and the generation speed-up they
+measure (user K'/V' projected once per generation, user rows only) changes no output."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffpref.models.builders import tiny_sd15_pipeline
+from diffpref.personalize.attention import (
+    UserAttnProcessor,
+    concat_user_tokens,
+    fixed_user_tokens,
+    install_user_attention,
+    user_attention_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 3  # user tokens
+L = 6  # text tokens
+
+
+def run_bench(script: str, *args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--json", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_positive_numbers(result: dict, keys: list[str]) -> None:
+    for key in keys:
+        value = result[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+
+
+def test_generate_bench_reports_throughput_overhead_and_embedding_time():
+    result = run_bench("generate.py", "--device", "cpu", "--batch-size", "2", "--steps", "2", "--repeats", "5",
+                       "--warmup", "1")
+    keys = ["config", "batch_size", "steps", "base_images_per_s", "personalized_images_per_s", "overhead",
+            "embed_user_k4_ms", "device"]
+    assert set(keys) <= set(result)
+    assert result["config"] == "embedded" and (result["batch_size"], result["steps"]) == (2, 2)
+    assert result["device"].startswith("cpu")
+    assert_positive_numbers(result, ["base_images_per_s", "personalized_images_per_s", "embed_user_k4_ms"])
+    assert math.isfinite(result["overhead"])
+    assert result["overhead"] == pytest.approx(result["base_images_per_s"] / result["personalized_images_per_s"] - 1,
+                                               abs=2e-3)  # both rounded to 3 decimals
+    assert len(result["base_batch_s"]) == len(result["personalized_batch_s"]) == 5
+
+
+@pytest.mark.slow  # ~25 s on an idle CPU: three processes (timing, and one memory child per variant)
+def test_train_step_bench_runs_ppd():
+    result = run_bench("train_step.py", "--device", "cpu", "--method", "ppd", "--batch-pairs", "1", "--repeats", "5",
+                       "--warmup", "2")
+    keys = ["config", "method", "pairs_per_s", "ref_pairs_per_s", "speedup", "peak_mem_mb", "ref_peak_mem_mb",
+            "memory_ratio"]
+    assert set(keys) <= set(result)
+    assert (result["config"], result["method"], result["lora_rank"]) == ("embedded", "ppd", 0)
+    assert_positive_numbers(result, keys[2:])
+    # the two loops compute the same loss from the same user tokens (checked before timing)
+    assert result["objective_abs_diff"] <= 1e-3 and result["user_tokens_abs_diff"] <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- fixed user
+
+
+def _unet_and_inputs(batch_users: torch.Tensor):
+    """The tiny SD1.5 UNet with user attention whose projections differ from to_k/to_v, and one call's inputs."""
+    unet = tiny_sd15_pipeline(0).unet
+    install_user_attention(unet, K)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in user_attention_parameters(unet):
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(0)
+    batch = batch_users.shape[0]
+    text = torch.randn(batch, L, 16, generator=g)
+    mask = torch.ones(batch, L + K)
+    mask[1, L - 1] = mask[2, L + 1] = 0  # a masked text token and a masked user token
+    inputs = dict(sample=torch.randn(batch, 4, 16, 16, generator=g), timestep=torch.tensor(400),
+                  encoder_hidden_states=concat_user_tokens(text, batch_users, K), encoder_attention_mask=mask)
+    return unet, inputs
+
+
+def _users(*rows):
+    """[B, K, 16] user tokens: a row is None (no user: zeros) or a seed."""
+    def one(seed):
+        return torch.zeros(K, 16) if seed is None else torch.randn(K, 16, generator=torch.Generator().manual_seed(seed))
+
+    return torch.stack([one(r) for r in rows])
+
+
+@pytest.mark.parametrize("rows", [(None, None, 1, 2), (None, 1, None, 1), (1, 2, 3, 4), (None, None, None, None)])
+def test_fixed_user_tokens_give_the_same_output_as_computing_every_call(rows):
+    # (None, None, 1, 2) is the guidance layout [unconditional, conditional]; the others index rows or skip all
+    unet, inputs = _unet_and_inputs(_users(*rows))
+    projections = []
+    for processor in unet.attn_processors.values():
+        if isinstance(processor, UserAttnProcessor):
+            original = processor._project_user
+            processor._project_user = lambda *a, _f=original, **kw: projections.append(1) or _f(*a, **kw)
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+        calls_outside = len(projections)
+        with fixed_user_tokens(unet):
+            first, second = unet(**inputs).sample, unet(**inputs).sample
+    torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
+    assert torch.equal(first, second)
+    if any(r is not None for r in rows):  # projected once per layer for both calls, and only the user rows
+        assert len(projections) - calls_outside == calls_outside
+    no_user = [i for i, r in enumerate(rows) if r is None]
+    assert torch.equal(first[no_user], expected[no_user])  # the zero user adds exactly nothing, skipped or not
+    assert all(p._fixed is None for p in unet.attn_processors.values() if isinstance(p, UserAttnProcessor))
+
+
+def test_fixed_user_tokens_notice_new_or_changed_tokens_and_stay_out_of_training():
+    unet, inputs = _unet_and_inputs(_users(None, 1, None, 2))
+    other = dict(inputs, encoder_hidden_states=concat_user_tokens(inputs["encoder_hidden_states"][:, :L],
+                                                                  _users(None, 3, 4, None), K))
+    with torch.no_grad():
+        expected, expected_other = unet(**inputs).sample, unet(**other).sample
+        with fixed_user_tokens(unet):
+            torch.testing.assert_close(unet(**inputs).sample, expected, atol=1e-6, rtol=0)
+            torch.testing.assert_close(unet(**other).sample, expected_other, atol=1e-6, rtol=0)  # another tensor
+            torch.testing.assert_close(unet(**inputs).sample, expected, atol=1e-6, rtol=0)
+            inputs["encoder_hidden_states"][:, L:] = other["encoder_hidden_states"][:, L:]  # changed in place
+            torch.testing.assert_close(unet(**inputs).sample, expected_other, atol=1e-6, rtol=0)
+    with fixed_user_tokens(unet):  # gradients on: computed every call, as outside, so the projections train
+        unet(**other).sample.square().mean().backward()
+        assert all(p._fixed is None for p in unet.attn_processors.values() if isinstance(p, UserAttnProcessor))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in user_attention_parameters(unet))
