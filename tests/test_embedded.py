@@ -53,8 +53,6 @@ def test_embedded_model_follows_colour_and_shape(adherence):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: the shipped model swaps white and black backgrounds in about "
-                   "1 of 10 images (background_acc 0.896 over 240 prompts at guidance 7.5); it needs more UNet training")
 def test_embedded_model_follows_background(adherence):
     assert adherence["background_acc"] >= 0.95, adherence
 

@@ -44,7 +44,7 @@ class PretrainConfig:
     vae_batch_size: int = field(default=16, metadata={"help": "VAE batch size"})
     vae_lr: float = field(default=1e-3, metadata={"help": "VAE peak learning rate"})
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "weight of the KL term"})
-    unet_steps: int = field(default=3500, metadata={"help": "UNet + text encoder optimizer steps"})
+    unet_steps: int = field(default=6000, metadata={"help": "UNet + text encoder optimizer steps"})
     unet_batch_size: int = field(default=128, metadata={"help": "UNet batch size"})
     unet_lr: float = field(default=5e-4, metadata={"help": "UNet peak learning rate"})
     caption_dropout: float = field(default=0.1, metadata={"help": "probability that a whole caption is replaced by ''"})
