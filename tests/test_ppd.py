@@ -225,3 +225,18 @@ def test_personalized_generation_splits_over_two_processes(tmp_path, trained_ada
     files = [r["file"] for r in rows]
     assert len(files) == len(set(files)) == 9
     assert not list((tmp_path / "gen").glob("metadata.rank*.jsonl"))
+
+
+def test_ppd_user_table_trains_the_encoder_towards_learned_user_tokens(tmp_path, tiny_sd15_dir, multi_user_manifest,
+                                                                        clip_dir):
+    from diffpref.personalize.encoder import UserEncoder
+
+    summary = train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, max_train_steps=4,
+                             ppd_user_table=True, ppd_token_scale_init=1.0, ppd_preference_weight=0.5))
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(h["distill_mse"]) and h["distill_mse"] > 0 for h in history)
+    assert "user_pref_acc" in history[-1] and np.isfinite(summary["final"]["loss"])
+    # The table is a training device: the shipped encoder is a plain one that loads as such.
+    encoder = UserEncoder.from_pretrained(tmp_path / "out" / "user_encoder")
+    assert "user_table" not in dict(encoder.named_parameters())
+    assert encoder.config.num_tokens == 2

@@ -43,6 +43,13 @@ class PPDConditioner:
                               output_scale_init=cfg.ppd_token_scale_init,
                               preference_dim=bank.text.shape[1] if cfg.ppd_preference_weight > 0 else 0,
                               ).to(accelerator.device)
+        if cfg.ppd_user_table:
+            # One free token set per training user, on the encoder module so that the trainer's optimizer,
+            # checkpoints and resume cover it; ``export`` leaves it out of the shipped encoder.
+            num_users = int(bank.user_index.max()) + 1
+            table = torch.randn(num_users, cfg.ppd_num_tokens, int(unet.config.cross_attention_dim),
+                                generator=torch.Generator().manual_seed(cfg.seed))
+            encoder.register_parameter("user_table", torch.nn.Parameter(table.to(accelerator.device)))
         encoder.train()
         return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
 
@@ -59,6 +66,17 @@ class PPDConditioner:
             logits = encoder.predict_preference(unscaled, self.bank.preference_diff(indices).to(device))
             aux = self.cfg.ppd_preference_weight * torch.nn.functional.softplus(-logits)
             metrics = {"user_pref_acc": float((logits.detach() > 0).float().mean())}
+        if self.cfg.ppd_user_table:
+            # The UNet learns from each user's own DPO-found tokens (a low-noise signal per user); the
+            # encoder learns to produce them from k of that user's other pairs. Layer norm keeps the
+            # table at the scale and centring the encoder's output layer can reach.
+            encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
+            table = encoder.user_table[self.bank.user_index[indices].to(device)]
+            table = torch.nn.functional.layer_norm(table, table.shape[-1:])
+            distill = self.cfg.ppd_distill_weight * (tokens - table.detach()).pow(2).mean(dim=(1, 2))
+            aux = distill if aux is None else aux + distill
+            metrics["distill_mse"] = float(distill.detach().mean())
+            tokens = table
         keep = randomness.per_sample_uniform(generators) >= self.cfg.ppd_user_dropout
         tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)  # zero tokens = no user
         return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens), aux, metrics
@@ -68,6 +86,10 @@ class PPDConditioner:
 
     def export(self, unet, output_dir: Path) -> Path:
         encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
+        if "user_table" in dict(encoder.named_parameters()):
+            shipped = UserEncoder(**{k: v for k, v in encoder.config.items() if not k.startswith("_")})
+            shipped.load_state_dict({k: v for k, v in encoder.state_dict().items() if k != "user_table"})
+            encoder = shipped
         config = {
             "num_tokens": self.num_tokens, "blocks": self.cfg.ppd_blocks if self.cfg.ppd_blocks == "all"
             else [b.strip() for b in self.cfg.ppd_blocks.split(",")],

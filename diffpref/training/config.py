@@ -75,6 +75,8 @@ class TrainConfig:
     ppd_layers: int = field(default=2, metadata={"help": "PPD: set-transformer layers of the head"})
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
     ppd_preference_weight: float = field(default=0.0, metadata={"help": "PPD: weight of the auxiliary loss that trains the encoder to predict the trained pair's choice from the user tokens (0 = off, plain DPO as in the paper)"})
+    ppd_user_table: bool = field(default=False, metadata={"help": "PPD: the UNet trains on one learned token set per training user (DPO finds each user's tokens directly) while the encoder learns to predict those tokens from few-shot context; only the encoder ships"})
+    ppd_distill_weight: float = field(default=1.0, metadata={"help": "PPD with ppd_user_table: weight of the encoder's regression onto the table tokens"})
     ppd_token_scale_init: float = field(default=0.05, metadata={"help": "PPD: initial scale of user tokens (small: start next to the base model)"})
 
     def __post_init__(self):
