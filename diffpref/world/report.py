@@ -130,7 +130,7 @@ def ppd_section(results: Path, out: Path) -> list[str]:
         lines += ["", f"![win rate against shots]({_plot(out, 'ppd_shots.png', draw)})"]
     gap = _read(ev / "dpo_users_k4.json")
     if gap:
-        lines += ["", "Per-user DPO LoRA (upper bound, trained on 400 pairs of that user) vs PPD with 4 shots:", "",
+        lines += ["", "Per-user DPO LoRA (upper bound, trained on 1000 pairs of that user) vs PPD with 4 shots:", "",
                   "| user | DPO LoRA | PPD K=4 | gap |", "|---|---|---|---|"]
         for user in USERS:
             dpo = _read(results / f"dpo_{user}" / "summary.json")
