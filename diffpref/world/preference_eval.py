@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffpref.generate import generate_all  # noqa: F401  (re-exported for report and PPD eval)
 from diffpref.world.captions import sample_prompt
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.evaluate import adherence_of, win_rate
-from diffpref.world.make_data import world_pipeline
+from diffpref.world.make_data import generate_in_batches, world_pipeline
 from diffpref.world.users import WorldUser, load_users, oracle_reward
 
 
@@ -30,6 +29,13 @@ def eval_prompts(num_prompts: int, seed: int) -> tuple[list[str], list[int]]:
     prompts = [sample_prompt(rng) for _ in range(num_prompts)]
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=num_prompts)]
     return prompts, seeds
+
+
+def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
+                 batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    """World-sized (64x64) uint8 images of every prompt, whatever the model's native size."""
+    return np.concatenate([images for _, images in generate_in_batches(pipe, prompts, seeds, steps, guidance_scale,
+                                                                      batch_size, progress, desc)])
 
 
 def load_adapter(pipe, adapter: str | os.PathLike):
