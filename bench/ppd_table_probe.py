@@ -3,7 +3,10 @@
 Does DPO through the decoupled user attention learn when each training user has its own free tokens?
     OMP_NUM_THREADS=1 python bench/ppd_table_probe.py output_dir=runs/exp/table max_train_steps=400 ppd_token_scale_init=1.0 ppd_preference_weight=0
 """
-import sys, torch
+import sys
+
+import torch
+
 from diffpref.personalize import training as T
 from diffpref.personalize.attention import concat_user_tokens
 
