@@ -28,4 +28,5 @@ def condition(self, prompt_embeds, indices, generators):
 T.PPDConditioner.build = classmethod(build)
 T.PPDConditioner.condition = condition
 from diffpref.cli import main
+
 sys.exit(main(["train", "--config", "configs/embedded_ppd.yaml", *sys.argv[1:]]))
