@@ -145,10 +145,7 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
     out = Path(out_dir)
     num_processes = state.num_processes if state is not None else 1
     process_index = state.process_index if state is not None else 0
-    if process_index == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    if num_processes > 1:
-        state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
     done = _done_files(out)
     todo = [job for job in jobs if job.filename not in done]
     if num_processes > 1:

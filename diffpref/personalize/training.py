@@ -53,25 +53,30 @@ class PPDConditioner:
         encoder.train()
         return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
 
+    @property
+    def _encoder(self) -> UserEncoder:
+        """The encoder itself, unwrapped from a distributed wrapper (for its own methods and parameters)."""
+        return self.encoder.module if hasattr(self.encoder, "module") else self.encoder
+
     def condition(self, prompt_embeds: torch.Tensor, indices: torch.Tensor,
                   generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """(text conditioning with user tokens appended, auxiliary loss or None, metrics)."""
         features, mask = self.bank.sample_context(indices, generators, self.cfg.ppd_shots_min, self.cfg.ppd_shots_max)
         device = prompt_embeds.device
-        tokens, unscaled = self.encoder(features.to(device), mask.to(device), return_unscaled=True)
         aux, metrics = None, {}
         if self.cfg.ppd_preference_weight > 0:
+            tokens, unscaled = self.encoder(features.to(device), mask.to(device), return_unscaled=True)
             # The trained pair is never in its own context, so this is a held-out prediction.
-            encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
-            logits = encoder.predict_preference(unscaled, self.bank.preference_diff(indices).to(device))
+            logits = self._encoder.predict_preference(unscaled, self.bank.preference_diff(indices).to(device))
             aux = self.cfg.ppd_preference_weight * torch.nn.functional.softplus(-logits)
             metrics = {"user_pref_acc": float((logits.detach() > 0).float().mean())}
+        else:
+            tokens = self.encoder(features.to(device), mask.to(device))
         if self.cfg.ppd_user_table:
             # The UNet learns from each user's own DPO-found tokens (a low-noise signal per user); the
             # encoder learns to produce them from k of that user's other pairs. Layer norm keeps the
             # table at the scale and centring the encoder's output layer can reach.
-            encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
-            table = encoder.user_table[self.bank.user_index[indices].to(device)]
+            table = self._encoder.user_table[self.bank.user_index[indices].to(device)]
             table = torch.nn.functional.layer_norm(table, table.shape[-1:])
             distill = self.cfg.ppd_distill_weight * (tokens - table.detach()).pow(2).mean(dim=(1, 2))
             aux = distill if aux is None else aux + distill
@@ -85,7 +90,7 @@ class PPDConditioner:
         return concat_user_tokens(prompt_embeds[:, :-self.num_tokens], None, self.num_tokens)
 
     def export(self, unet, output_dir: Path) -> Path:
-        encoder = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
+        encoder = self._encoder
         if "user_table" in dict(encoder.named_parameters()):
             shipped = UserEncoder(**{k: v for k, v in encoder.config.items() if not k.startswith("_")})
             shipped.load_state_dict({k: v for k, v in encoder.state_dict().items() if k != "user_table"})
