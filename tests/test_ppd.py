@@ -240,3 +240,30 @@ def test_ppd_user_table_trains_the_encoder_towards_learned_user_tokens(tmp_path,
     encoder = UserEncoder.from_pretrained(tmp_path / "out" / "user_encoder")
     assert "user_table" not in dict(encoder.named_parameters())
     assert encoder.config.num_tokens == 2
+
+
+def test_ppd_with_text_anchors_trains_exports_and_personalizes(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from diffpref.personalize.encoder import UserEncoder
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+
+    summary = train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, ppd_anchors=6,
+                             ppd_value_init_scale=0.5, ppd_preference_weight=0.5))
+    assert np.isfinite(summary["final"]["loss"])
+    encoder = UserEncoder.from_pretrained(tmp_path / "out" / "user_encoder")
+    # The only prompt is "a shape": a bank of one content word, with its backbone text direction.
+    assert encoder.config.anchor_words == ["shape"] and encoder.config.anchor_evidence
+    assert encoder.anchors.shape[0] == 1 and encoder.anchors.abs().sum() > 0
+    torch.testing.assert_close(encoder.anchor_directions.norm(dim=-1), torch.ones(1))
+    from diffpref.personalize.backbones import OpenClipBackbone
+
+    pipe = PersonalizedPipeline.from_base(StableDiffusionPipeline.from_pretrained(tiny_sd15_dir), tmp_path / "out",
+                                          backbone=OpenClipBackbone.from_pretrained(clip_dir))
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(1)
+    examples = [UserExample("a shape", render(sample_attributes(rng, color="red")), render(sample_attributes(rng)))]
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=1.0)
+    mine = pipe("a shape", user_examples=examples, generator=torch.Generator().manual_seed(0), **kw).images
+    base = pipe("a shape", generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.isfinite(mine).all() and not np.allclose(mine, base)

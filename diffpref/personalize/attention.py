@@ -343,7 +343,7 @@ def _chosen(name: str, blocks: str | Iterable[str]) -> bool:
 
 
 def install_user_attention(
-    unet, num_user_tokens: int, blocks: str | list[str] = "all", scale: float = 1.0
+    unet, num_user_tokens: int, blocks: str | list[str] = "all", scale: float = 1.0, value_init_scale: float = 1.0
 ) -> nn.ModuleDict:
     """Give the cross-attention layers of ``unet`` a decoupled user branch; returns the new processors.
 
@@ -353,6 +353,9 @@ def install_user_attention(
         blocks: "all", or name prefixes of the layers that read the user (e.g. ``["up_blocks", "mid_block"]``);
             the other cross-attention layers get a `TextOnlyAttnProcessor`. Self-attention keeps its processor.
         scale: initial user scale.
+        value_init_scale: ``to_v_user`` starts as this multiple of ``to_v``. Below 1 the user branch starts
+            as a weaker echo of the text attention: at full strength a second, text-like attention output
+            doubles the layer's output and breaks prompt adherence.
 
     Returns:
         ``nn.ModuleDict`` of the `UserAttnProcessor` s, keyed by processor name with "." replaced by "__".
@@ -392,7 +395,7 @@ def install_user_attention(
         # copies, not shared tensors: the user projections train on their own
         with torch.no_grad():
             processor.to_k_user.weight.copy_(attn.to_k.weight)
-            processor.to_v_user.weight.copy_(attn.to_v.weight)
+            processor.to_v_user.weight.copy_(attn.to_v.weight * value_init_scale)
         processor.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
         processors[name] = processor
         user_processors[name] = processor

@@ -40,7 +40,8 @@ class UserEncoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
-                 layers: int = 2, heads: int = 4, output_scale_init: float = 1.0, preference_dim: int = 0):
+                 layers: int = 2, heads: int = 4, output_scale_init: float = 1.0, preference_dim: int = 0,
+                 num_anchors: int = 0, anchor_words: list[str] | None = None, anchor_evidence: bool = False):
         super().__init__()
         if hidden % heads != 0:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
@@ -59,12 +60,36 @@ class UserEncoder(ModelMixin, ConfigMixin):
         self.pool = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
         self.pool_mlp = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
                                       nn.Linear(4 * hidden, hidden))
-        self.proj_out = nn.Linear(hidden, token_dim)
-        self.norm_out = nn.LayerNorm(token_dim)
+        if num_anchors > 0:
+            # Text-anchored tokens (``anchors.py``): each token is a softmax mixture of the rows of
+            # ``anchors`` (text-encoder states of prompt words, set by ``set_anchors``). The norm keeps
+            # the logits from saturating the softmax, where a one-hot mixture would stop learning.
+            # Zero weights: every token starts as the plain average of the anchors.
+            self.register_buffer("anchors", torch.zeros(num_anchors, token_dim))
+            self.anchor_norm = nn.LayerNorm(hidden)
+            self.anchor_logits = nn.Linear(hidden, num_anchors)
+            nn.init.zeros_(self.anchor_logits.weight)
+            nn.init.zeros_(self.anchor_logits.bias)
+            if preference_dim > 0:
+                # Each anchor word's direction in the backbone's space (its text embedding), so that the
+                # preference read-out must name the words that tell the user's choices apart.
+                self.register_buffer("anchor_directions", torch.zeros(num_anchors, preference_dim))
+                self.preference_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            if anchor_evidence:
+                if preference_dim <= 0 or feature_dim != 4 * preference_dim:
+                    raise ValueError("anchor_evidence reads the [text, pref, rej, pref - rej] features of an open_clip "
+                                     f"backbone: it needs feature_dim = 4 * preference_dim, got {feature_dim} and "
+                                     f"{preference_dim}")
+                self.evidence_log_scale = nn.Parameter(torch.tensor(math.log(30.0)))
+            readout_dim = 0
+        else:
+            self.proj_out = nn.Linear(hidden, token_dim)
+            self.norm_out = nn.LayerNorm(token_dim)
+            readout_dim = num_tokens * token_dim
         # Optional training aid (``predict_preference``): a linear read-out of the tokens as a reward
         # direction in the backbone's image-embedding space. Inference never uses it.
-        self.preference_head = nn.Linear(num_tokens * token_dim, preference_dim) if preference_dim > 0 else None
-        if output_scale_init != 1.0:
+        self.preference_head = nn.Linear(readout_dim, preference_dim) if preference_dim > 0 and readout_dim else None
+        if output_scale_init != 1.0 and num_anchors == 0:
             # Small tokens at first: the personalized model starts next to the base model (as LoRA
             # starts at B = 0), so preference training starts near log 2 instead of from whatever
             # unit-scale random tokens would do to the UNet; not zero, so every weight gets gradient.
@@ -75,7 +100,8 @@ class UserEncoder(ModelMixin, ConfigMixin):
         """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``.
 
         ``return_unscaled=True`` also returns the tokens before ``norm_out``'s affine scale (unit
-        scale whatever that scale has become), which is what ``predict_preference`` reads.
+        scale whatever that scale has become), which is what ``predict_preference`` reads; with text
+        anchors it returns the mixture weights ``[B, K, A]`` instead.
         """
         if features.ndim != 3 or features.shape[-1] != self.config.feature_dim:
             raise ValueError(f"features must be [B, k, {self.config.feature_dim}], got {tuple(features.shape)}")
@@ -100,12 +126,49 @@ class UserEncoder(ModelMixin, ConfigMixin):
         mean = (h * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
         tokens = seeds + mean + self.pool(seeds, kv, kv, key_padding_mask=padding, need_weights=False)[0]
         tokens = tokens + self.pool_mlp(tokens)
+        if self.config.num_anchors > 0:
+            logits = self.anchor_logits(self.anchor_norm(tokens))  # (B, K, A)
+            if self.config.anchor_evidence:
+                # Zero-shot evidence for each word: how far, on average over the examples, the preferred
+                # image lies beyond the rejected one along the word's text direction. A word that keeps
+                # separating the user's choices ("red" for someone who likes red) is the natural first
+                # guess at their taste; the learned logits correct it.
+                diff = features[..., -self.config.preference_dim:].to(self.anchor_directions.dtype)
+                per_example = diff @ self.anchor_directions.T  # (B, k, A)
+                evidence = (per_example * weights).sum(1) / weights.sum(1)
+                logits = logits + self.evidence_log_scale.exp() * evidence.unsqueeze(1).to(logits.dtype)
+            mixture = logits.softmax(-1)
+            anchored = mixture @ self.anchors.to(mixture.dtype)
+            return (anchored, mixture) if return_unscaled else anchored
         projected = self.proj_out(tokens)
         scaled = self.norm_out(projected)  # (B, K, d)
         if not return_unscaled:
             return scaled
         unscaled = nn.functional.layer_norm(projected, projected.shape[-1:], eps=self.norm_out.eps)
         return scaled, unscaled
+
+    def set_anchors(self, anchors: torch.Tensor, words: Sequence[str] | None = None,
+                    directions: torch.Tensor | None = None) -> None:
+        """Fill the anchor bank (``[num_anchors, token_dim]``, see ``anchors.build_text_anchors``).
+
+        ``directions [num_anchors, preference_dim]``: the anchor words embedded by the backbone's text
+        tower, which the preference read-out uses (required when the encoder has one).
+        """
+        if self.config.num_anchors == 0:
+            raise ValueError("this encoder was built with num_anchors=0: it has no anchor bank")
+        if tuple(anchors.shape) != tuple(self.anchors.shape):
+            raise ValueError(f"anchors must have shape {tuple(self.anchors.shape)}, got {tuple(anchors.shape)}")
+        if not torch.isfinite(anchors).all():
+            raise ValueError("anchors hold NaN or inf values")
+        self.anchors.copy_(anchors.to(self.anchors))
+        if hasattr(self, "anchor_directions"):
+            if directions is None or tuple(directions.shape) != tuple(self.anchor_directions.shape):
+                raise ValueError(f"this encoder reads preferences through its anchors: pass directions of shape "
+                                 f"{tuple(self.anchor_directions.shape)}, got "
+                                 f"{None if directions is None else tuple(directions.shape)}")
+            self.anchor_directions.copy_(directions.to(self.anchor_directions))
+        if words is not None:
+            self.register_to_config(anchor_words=list(words))
 
     def predict_preference(self, unscaled_tokens: torch.Tensor, image_diff: torch.Tensor) -> torch.Tensor:
         """Logit that the user prefers image a over b: ``head(tokens) . (phi(a) - phi(b))``, shape [B].
@@ -115,6 +178,11 @@ class UserEncoder(ModelMixin, ConfigMixin):
         head a direct, low-variance signal about each user's taste from the first step, where the
         DPO gradient through the UNet is weak and noisy while the user branch is still small.
         """
+        if self.config.num_anchors > 0 and self.config.preference_dim > 0:
+            # unscaled_tokens are the mixture weights [B, K, A]: the user's reward direction is the
+            # average over tokens of their anchor words' backbone embeddings.
+            direction = unscaled_tokens.mean(1) @ self.anchor_directions.to(unscaled_tokens.dtype)
+            return self.preference_log_scale.exp() * (direction * image_diff.to(direction.dtype)).sum(-1)
         if self.preference_head is None:
             raise ValueError("this encoder was built with preference_dim=0: it has no preference head")
         direction = self.preference_head(unscaled_tokens.flatten(1).to(self.dtype))

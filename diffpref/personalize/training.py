@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from diffpref.personalize.adapter import save_ppd_adapter
+from diffpref.personalize.anchors import build_text_anchors
 from diffpref.personalize.attention import concat_user_tokens, install_user_attention
 from diffpref.personalize.context import ContextBank, build_context_bank
 from diffpref.personalize.encoder import UserEncoder
@@ -25,7 +26,7 @@ class PPDConditioner:
         self.cfg, self.encoder, self.bank, self.num_tokens, self.users = cfg, encoder, bank, num_tokens, users
 
     @classmethod
-    def build(cls, cfg, unet, cache, accelerator) -> PPDConditioner:
+    def build(cls, cfg, unet, cache, accelerator, tokenizer=None) -> PPDConditioner:
         from diffpref.personalize.backbones import OpenClipBackbone
 
         backbone_path = None if cfg.ppd_backbone in ("embedded", "embedded-clip") else cfg.ppd_backbone
@@ -33,16 +34,26 @@ class PPDConditioner:
             backbone = OpenClipBackbone.from_pretrained(backbone_path, device=str(accelerator.device))
             bank = build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone,
                                       progress=accelerator.is_local_main_process)
-        del backbone  # frozen and fully cached: training never runs it
         blocks = "all" if cfg.ppd_blocks == "all" else [b.strip() for b in cfg.ppd_blocks.split(",") if b.strip()]
         # The base is frozen before installing, so only the new user projections require grad.
-        install_user_attention(unet, cfg.ppd_num_tokens, blocks=blocks)
+        install_user_attention(unet, cfg.ppd_num_tokens, blocks=blocks, value_init_scale=cfg.ppd_value_init_scale)
+        anchors = words = directions = None
+        if cfg.ppd_anchors > 0:
+            if tokenizer is None:
+                raise ValueError("ppd_anchors > 0 needs the tokenizer to find the words of the training prompts")
+            anchors, words = build_text_anchors(cache.prompts, tokenizer,
+                                                lambda i: cache.prompt_cond(i)["prompt_embeds"], cfg.ppd_anchors)
+            directions = backbone.embed_texts(words).float().cpu()
+        del backbone  # frozen and fully cached: training never runs it
         encoder = UserEncoder(feature_dim=bank.feature_dim, num_tokens=cfg.ppd_num_tokens,
                               token_dim=int(unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
                               layers=cfg.ppd_layers, heads=cfg.ppd_heads,
                               output_scale_init=cfg.ppd_token_scale_init,
-                              preference_dim=bank.text.shape[1] if cfg.ppd_preference_weight > 0 else 0,
-                              ).to(accelerator.device)
+                              preference_dim=bank.text.shape[1] if cfg.ppd_preference_weight > 0 or anchors is not None else 0,
+                              num_anchors=0 if anchors is None else len(anchors),
+                              anchor_evidence=anchors is not None and cfg.ppd_anchor_evidence).to(accelerator.device)
+        if anchors is not None:
+            encoder.set_anchors(anchors, words, directions)
         if cfg.ppd_user_table:
             # One free token set per training user, on the encoder module so that the trainer's optimizer,
             # checkpoints and resume cover it; ``export`` leaves it out of the shipped encoder.

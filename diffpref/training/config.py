@@ -77,6 +77,9 @@ class TrainConfig:
     ppd_preference_weight: float = field(default=0.0, metadata={"help": "PPD: weight of the auxiliary loss that trains the encoder to predict the trained pair's choice from the user tokens (0 = off, plain DPO as in the paper)"})
     ppd_user_table: bool = field(default=False, metadata={"help": "PPD: the UNet trains on one learned token set per training user (DPO finds each user's tokens directly) while the encoder learns to predict those tokens from few-shot context; only the encoder ships"})
     ppd_distill_weight: float = field(default=1.0, metadata={"help": "PPD with ppd_user_table: weight of the encoder's regression onto the table tokens"})
+    ppd_anchors: int = field(default=0, metadata={"help": "PPD: > 0 makes user tokens mixtures of this many text anchors (the text encoder's states of the training prompts' most frequent words, plus a zero anchor), so the user branch steers like text from the start; 0 = free tokens"})
+    ppd_anchor_evidence: bool = field(default=True, metadata={"help": "PPD with ppd_anchors: add to each anchor's logit how well its word's backbone text direction separates the user's preferred from rejected images (open_clip backbones)"})
+    ppd_value_init_scale: float = field(default=1.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v (below 1: the user branch starts weaker than the text attention)"})
     ppd_token_scale_init: float = field(default=0.05, metadata={"help": "PPD: initial scale of user tokens (small: start next to the base model)"})
 
     def __post_init__(self):

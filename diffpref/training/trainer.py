@@ -194,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
     pipe = load_pipeline(cfg.model, device=str(accelerator.device), dtype=torch.float32)
     cache = build_cache(cfg, pipe, accelerator)
     resolution = cache.resolution
-    unet, pipeline_class = pipe.unet, type(pipe)
+    unet, pipeline_class, tokenizer = pipe.unet, type(pipe), pipe.tokenizer
     schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.clone(), pipe.scheduler.config.get("prediction_type", "epsilon"))
     num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
     del pipe
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.is_lora:
             _add_lora(unet, cfg)
         if cfg.method == "ppd":
-            user = _setup_ppd(cfg, unet, cache, accelerator)
+            user = _setup_ppd(cfg, unet, cache, accelerator, tokenizer)
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
@@ -388,10 +388,10 @@ def export_weights(unet, pipeline_class, cfg: TrainConfig, output_dir: Path) -> 
     return output_dir / "unet"
 
 
-def _setup_ppd(cfg: TrainConfig, unet, cache, accelerator):
+def _setup_ppd(cfg: TrainConfig, unet, cache, accelerator, tokenizer):
     from diffpref.personalize.training import PPDConditioner
 
-    return PPDConditioner.build(cfg, unet, cache, accelerator)
+    return PPDConditioner.build(cfg, unet, cache, accelerator, tokenizer=tokenizer)
 
 
 def _make_evaluator(cfg: TrainConfig, accelerator, unet, pipeline_class, resolution):
