@@ -267,3 +267,22 @@ def test_ppd_with_text_anchors_trains_exports_and_personalizes(tmp_path, tiny_sd
     mine = pipe("a shape", user_examples=examples, generator=torch.Generator().manual_seed(0), **kw).images
     base = pipe("a shape", generator=torch.Generator().manual_seed(0), **kw).images
     assert np.isfinite(mine).all() and not np.allclose(mine, base)
+
+
+def test_ppd_attention_lr_sets_the_user_projections_own_rate(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
+    """A zero rate for the user projections keeps them at their initial (scaled) copies while the head trains."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, ppd_attention_lr=0.0,
+                   ppd_value_init_scale=0.5, checkpointing_steps=0))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
+    base = {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
+    saved = load_file(str(tmp_path / "out" / "user_attention.safetensors"))
+    assert saved
+    for key, weight in saved.items():
+        layer = base[key.split(".processor.")[0]]
+        expected = layer.to_k.weight if key.endswith("to_k_user.weight") else 0.5 * layer.to_v.weight
+        torch.testing.assert_close(weight, expected)
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["lr"] > 0 and history[-1]["attention_lr"] == 0.0

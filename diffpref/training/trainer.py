@@ -222,7 +222,14 @@ def train(cfg: TrainConfig) -> dict:
     unet.train()
     models = [unet] + ([user.encoder] if user else [])
     params = [p for m in models for p in m.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(cfg, params)
+    if user is not None and cfg.ppd_attention_lr is not None:
+        # The user projections start as (scaled) copies of the UNet's own; at the head's learning rate Adam
+        # would move each of their small weights by more than its size within a few hundred steps.
+        unet_params = [p for p in unet.parameters() if p.requires_grad]
+        head_params = [p for p in user.encoder.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(cfg, [{"params": unet_params, "lr": cfg.ppd_attention_lr}, {"params": head_params}])
+    else:
+        optimizer = _make_optimizer(cfg, params)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     *models, optimizer = accelerator.prepare(*models, optimizer)
     unet = models[0]
@@ -335,7 +342,10 @@ def train(cfg: TrainConfig) -> dict:
         global_step += 1
         logs = {k: sum(m.get(k, 0.0) for m in step_metrics) / max(1, len(step_metrics))
                 for k in (step_metrics[0] if step_metrics else {})}
-        logs.update(lr=lr_scheduler.get_last_lr()[0], extra_forward_passes=extra_passes, skipped_steps=skipped_steps)
+        rates = lr_scheduler.get_last_lr()  # [user projections, head] when ppd_attention_lr splits them
+        logs.update(lr=rates[-1], extra_forward_passes=extra_passes, skipped_steps=skipped_steps)
+        if len(rates) > 1:
+            logs["attention_lr"] = rates[0]
         if evaluator and cfg.eval_every and global_step % cfg.eval_every == 0 and global_step < cfg.max_train_steps:
             eval_started = time.time()
             logs.update(evaluator(global_step))
