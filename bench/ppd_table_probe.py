@@ -12,8 +12,8 @@ from diffpref.personalize.attention import concat_user_tokens
 
 orig_build = T.PPDConditioner.build.__func__
 
-def build(cls, cfg, unet, cache, accelerator):
-    self = orig_build(cls, cfg, unet, cache, accelerator)
+def build(cls, cfg, unet, cache, accelerator, tokenizer=None):
+    self = orig_build(cls, cfg, unet, cache, accelerator, tokenizer=tokenizer)
     n_users = int(self.bank.user_index.max()) + 1
     d = int(unet.config.cross_attention_dim)
     # the table lives on the encoder module so the trainer optimises and checkpoints it
