@@ -143,7 +143,7 @@ def cmd_world_make_data(args) -> int:
     summary = make_preference_data(
         args.out, users, pairs_per_user=args.pairs_per_user, seed=args.seed, model=args.model,
         temperature=args.temperature, batch_size=args.batch_size, steps=args.steps,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.guidance_scale, name_prob=args.name_prob,
     )
     print(json.dumps(summary))
     return 0
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=25, help="sampling steps of each generation")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--name-prob", type=float, default=0.5,
+                   help="how often a caption names each attribute (lower: more pairs differ in what a user cares about)")
     p.set_defaults(func=cmd_world_make_data)
 
     p = world.add_parser("make-users", help="write a JSON list of simulated users with known tastes")

@@ -228,3 +228,17 @@ def test_cli_make_data_and_eval(tmp_path: Path, tiny_pipe, capsys) -> None:
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 4 and result["model"] == str(model_dir) and 0.0 <= result["mean_acc"] <= 1.0
+
+
+def test_plan_pairs_name_prob_controls_how_much_captions_name():
+    from diffpref.world.captions import parse_caption
+    from diffpref.world.make_data import plan_pairs
+
+    assert {job.caption for job in plan_pairs(2, 20, seed=3, name_prob=0.0)} == {"a shape"}
+    assert all(len(parse_caption(job.caption)) == 3 for job in plan_pairs(2, 20, seed=3, name_prob=1.0))
+    default, explicit = plan_pairs(3, 10, seed=1), plan_pairs(3, 10, seed=1, name_prob=0.5)
+    assert [j.caption for j in default] == [j.caption for j in explicit]
+    # seeds do not depend on the captions' wording
+    assert [j.seed_0 for j in default] == [j.seed_0 for j in plan_pairs(3, 10, seed=1, name_prob=0.1)]
+    with pytest.raises(ValueError, match="name_prob"):
+        plan_pairs(1, 1, seed=0, name_prob=1.5)

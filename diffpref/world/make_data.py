@@ -77,8 +77,15 @@ def pair_rng(seed: int, user_index: int, pair_index: int, stream: int) -> np.ran
     return np.random.default_rng([seed, user_index, pair_index, stream])
 
 
-def plan_pairs(num_users: int, pairs_per_user: int, seed: int) -> list[PairJob]:
-    """Captions and seeds of every pair, user-major (the row order of the parquet file)."""
+def plan_pairs(num_users: int, pairs_per_user: int, seed: int, name_prob: float = 0.5) -> list[PairJob]:
+    """Captions and seeds of every pair, user-major (the row order of the parquet file).
+
+    ``name_prob``: how often a caption names each attribute. The two images of a pair share the
+    caption, so a named attribute never differs within a pair; lower values leave more attributes
+    free to differ, and so more pairs that say something about a taste for them.
+    """
+    if not 0.0 <= name_prob <= 1.0:
+        raise ValueError(f"name_prob must be in [0, 1], got {name_prob}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if pairs_per_user < 1:
@@ -86,7 +93,7 @@ def plan_pairs(num_users: int, pairs_per_user: int, seed: int) -> list[PairJob]:
     jobs = []
     for u in range(num_users):
         for p in range(pairs_per_user):
-            caption = sample_prompt(pair_rng(seed, u, p, 0))
+            caption = sample_prompt(pair_rng(seed, u, p, 0), p_name=name_prob)
             jobs.append(PairJob(len(jobs), u, p, caption, *pair_seeds(seed, u, p)))
     return jobs
 
@@ -179,7 +186,7 @@ def pair_row(job: PairJob, user: WorldUser, images: tuple[np.ndarray, np.ndarray
 def make_preference_data(out_dir: str | os.PathLike, users: list[WorldUser], pairs_per_user: int, seed: int,
                          model: Any = "embedded", temperature: float = 0.1, batch_size: int = 64,
                          steps: int = 25, guidance_scale: float | None = None, progress: bool = True,
-                         device: str | None = None) -> dict:
+                         device: str | None = None, name_prob: float = 0.5) -> dict:
     """Generate, label and write ``out_dir/pairs.parquet`` (Pick-a-Pic v2 schema) and ``out_dir/users.json``.
 
     ``model`` is "embedded", a diffusers folder, a hub id or an already-loaded pipeline.
@@ -195,7 +202,7 @@ def make_preference_data(out_dir: str | os.PathLike, users: list[WorldUser], pai
         raise ValueError(f"duplicate user ids {sorted({i for i in ids if ids.count(i) > 1})}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    jobs = plan_pairs(len(users), pairs_per_user, seed)
+    jobs = plan_pairs(len(users), pairs_per_user, seed, name_prob)
     pipe, model_name = world_pipeline(model, device)
     prompt_counts = Counter(job.caption for job in jobs)
 
