@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -87,19 +87,31 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
-def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
-                 batch_size: int, progress: bool = True, desc: str = "generate", **pipe_kwargs) -> np.ndarray:
-    """uint8 (N, H, W, 3) images of every prompt, ``batch_size`` per pipeline call (each image has its own generator)."""
+def iter_generated(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
+                   batch_size: int, progress: bool = True, desc: str = "generate",
+                   **image_kwargs) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start index, uint8 images)`` per pipeline call of at most ``batch_size`` images.
+
+    ``image_kwargs`` go to `generate_images` (``height``, ``width``, ``user_embedding``, ...). Each
+    image has its own generator, so the images do not depend on ``batch_size``.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunks = []
-    jobs = list(zip(prompts, seeds))
-    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in batched(jobs, batch_size):
-            chunks.append(generate_images(pipe, [p for p, _ in batch], [s for _, s in batch], steps, guidance_scale,
-                                          **pipe_kwargs))
-            bar.update(len(batch))
-    return np.concatenate(chunks)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), batch_size):
+            stop = min(start + batch_size, len(prompts))
+            yield start, generate_images(pipe, prompts[start:stop], seeds[start:stop], steps, guidance_scale,
+                                         **image_kwargs)
+            bar.update(stop - start)
+
+
+def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
+                 batch_size: int, progress: bool = True, desc: str = "generate", **image_kwargs) -> np.ndarray:
+    """uint8 (N, H, W, 3) images of every prompt, ``batch_size`` per pipeline call (see `iter_generated`)."""
+    return np.concatenate([images for _, images in iter_generated(pipe, prompts, seeds, steps, guidance_scale,
+                                                                  batch_size, progress, desc, **image_kwargs)])
 
 
 def plan_jobs(prompts: Sequence[str], num_images: int, seed: int, users: Sequence[str | None] = (None,)) -> list[GenerationJob]:

@@ -58,8 +58,8 @@ def as_examples(pairs) -> list[UserExample]:
 @torch.no_grad()
 def ranking_accuracy(pipe, tokens: torch.Tensor, pairs, draws: int = 4, seed: int = 0) -> float:
     """Fraction of held-out pairs whose DPO implicit reward under the personalized model matches the oracle."""
-    from diffpref.personalize.attention import concat_user_tokens, set_user_scale
     from diffpref.models.loading import native_resolution
+    from diffpref.personalize.attention import concat_user_tokens, set_user_scale
     from diffpref.training.conditioning import encode_images
 
     unet, scheduler = pipe.unet, pipe.scheduler
@@ -135,10 +135,5 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
 
 def generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size) -> np.ndarray:
     """uint8 world images of one user (tokens [K, d]), ``batch_size`` per pipeline call."""
-    from diffpref.generate import batched, generate_images
-
-    return np.concatenate([
-        generate_images(pipe, p, s, steps, guidance_scale, height=64, width=64, user_embedding=tokens,
-                        user_scale=user_scale)
-        for p, s in zip(batched(prompts, batch_size), batched(seeds, batch_size))
-    ])
+    return generate_all(pipe, prompts, seeds, steps, guidance_scale, batch_size, False, "personalized",
+                        user_embedding=tokens, user_scale=user_scale)

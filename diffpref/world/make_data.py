@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffpref.data.pickapic_writer import PICKAPIC_V2_SCHEMA  # noqa: F401  (re-exported: its old home)
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid, pickapic_schema
@@ -111,29 +110,25 @@ def world_pipeline(model: Any, device: str | None = None) -> tuple[Any, str]:
     return model, str(name or type(model).__name__)
 
 
-def generate_world_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int,
-                          guidance_scale: float | None) -> np.ndarray:
-    """uint8 (N, 64, 64, 3) images; always at the world's size, which the detector requires."""
-    from diffpref.generate import generate_images
-
-    images = generate_images(pipe, prompts, seeds, steps, guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE)
-    if images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):  # a pipeline that ignores height/width
-        images = np.stack([np.asarray(Image.fromarray(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX))
-                           for im in images])
-    return images
+def to_world_size(images: np.ndarray) -> np.ndarray:
+    """uint8 images at the world's 64x64, which the detector requires (for a pipeline that ignores height/width)."""
+    if images.shape[1:3] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)) for im in images])
 
 
 def generate_in_batches(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                         guidance_scale: float | None, batch_size: int, progress: bool = True,
-                        desc: str = "generate") -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start index, images) per pipeline call of at most ``batch_size`` images."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(prompts), batch_size):
-            stop = min(start + batch_size, len(prompts))
-            yield start, generate_world_images(pipe, prompts[start:stop], seeds[start:stop], steps, guidance_scale)
-            bar.update(stop - start)
+                        desc: str = "generate", **image_kwargs) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (start index, world-sized images) per pipeline call of at most ``batch_size`` images.
+
+    ``image_kwargs`` go to ``diffpref.generate.generate_images`` (e.g. ``user_embedding``).
+    """
+    from diffpref.generate import iter_generated
+
+    for start, images in iter_generated(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, desc,
+                                        height=IMAGE_SIZE, width=IMAGE_SIZE, **image_kwargs):
+        yield start, to_world_size(images)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -32,10 +32,13 @@ def eval_prompts(num_prompts: int, seed: int) -> tuple[list[str], list[int]]:
 
 
 def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
-                 batch_size: int, progress: bool, desc: str) -> np.ndarray:
-    """World-sized (64x64) uint8 images of every prompt, whatever the model's native size."""
+                 batch_size: int, progress: bool, desc: str, **image_kwargs) -> np.ndarray:
+    """World-sized (64x64) uint8 images of every prompt, whatever the model's native size.
+
+    ``image_kwargs`` go to the pipeline call (e.g. ``user_embedding=``, ``user_scale=``).
+    """
     return np.concatenate([images for _, images in generate_in_batches(pipe, prompts, seeds, steps, guidance_scale,
-                                                                      batch_size, progress, desc)])
+                                                                      batch_size, progress, desc, **image_kwargs)])
 
 
 def load_adapter(pipe, adapter: str | os.PathLike):
