@@ -176,6 +176,11 @@ def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
         TrainConfig()
     cfg = load_config(TrainConfig, REPO / "configs" / "embedded_dpo.yaml", ["max_train_steps=7", "beta=2500.5"])
     assert cfg.max_train_steps == 7 and cfg.beta == 2500.5 and isinstance(cfg.beta, float)
+    for bad, message in (("ppd_anchors=-1", "ppd_anchors"), ("ppd_value_init_scale=0", "ppd_value_init_scale"),
+                         ("ppd_attention_lr=-0.1", "ppd_attention_lr")):
+        with pytest.raises(ValueError, match=message):
+            load_config(TrainConfig, None, [f"data_path={manifest}", "method=ppd", bad])
+    assert load_config(TrainConfig, None, [f"data_path={manifest}", "ppd_attention_lr=0.00005"]).ppd_attention_lr == 5e-5
 
 
 @pytest.mark.parametrize("name", ["embedded_dpo", "embedded_inpo", "embedded_kto", "embedded_mapo", "embedded_ppd",

@@ -103,6 +103,13 @@ class TrainConfig:
             self.beta = DEFAULT_BETA[self.method]
         if self.method == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
             raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
+        if self.ppd_anchors < 0:
+            raise ValueError(f"ppd_anchors={self.ppd_anchors} must be >= 0 (0 = free user tokens)")
+        if self.ppd_value_init_scale <= 0:
+            raise ValueError(f"ppd_value_init_scale={self.ppd_value_init_scale} must be > 0 (the user values start as "
+                             "this multiple of to_v; 0 would give no gradient to anything behind them)")
+        if self.ppd_attention_lr is not None and self.ppd_attention_lr < 0:
+            raise ValueError(f"ppd_attention_lr={self.ppd_attention_lr} must be >= 0 (0 freezes the user projections)")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if not self.data_path:
