@@ -36,6 +36,13 @@ def build_text_anchors(prompts: Sequence[str], tokenizer, prompt_states: Callabl
     if not prompts:
         raise ValueError("no prompts to build text anchors from")
     special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    words: dict[int, str] = {}  # token id -> its word, decoded once per id rather than once per occurrence
+
+    def word(token: int) -> str:
+        if token not in words:
+            words[token] = tokenizer.decode([token]).strip()
+        return words[token]
+
     counts: Counter = Counter()
     sums: dict[int, torch.Tensor] = {}
     for i, prompt in enumerate(prompts[:max_prompts]):
@@ -44,7 +51,7 @@ def build_text_anchors(prompts: Sequence[str], tokenizer, prompt_states: Callabl
         if states.shape[0] != len(ids):
             raise ValueError(f"prompt {i} has {states.shape[0]} states but the tokenizer gives {len(ids)} positions")
         for pos, token in enumerate(ids):
-            if token in special or tokenizer.decode([token]).strip().lower() in STOP_WORDS:
+            if token in special or word(token).lower() in STOP_WORDS:
                 continue
             counts[token] += 1
             sums[token] = sums[token] + states[pos] if token in sums else states[pos].clone()
@@ -52,4 +59,4 @@ def build_text_anchors(prompts: Sequence[str], tokenizer, prompt_states: Callabl
         raise ValueError("the prompts hold no content words to anchor user tokens on")
     chosen = [token for token, _ in counts.most_common(num_anchors)]
     anchors = torch.stack([sums[token] / counts[token] for token in chosen])
-    return anchors, [tokenizer.decode([token]).strip() for token in chosen]
+    return anchors, [word(token) for token in chosen]
