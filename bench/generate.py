@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import time by diffusers/transformers: set it first
@@ -31,14 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_timing import time_abba  # noqa: E402  (beside this script)
 
 TARGET_OVERHEAD = 0.05
 SHOTS = 4
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels are asynchronous: the clock must wait for them
 
 
 def world_examples(k: int, seed: int = 0):
@@ -61,14 +56,6 @@ def bench_prompts(n: int, seed: int = 0) -> list[str]:
 
     rng = np.random.default_rng(seed)
     return [sample_prompt(rng) for _ in range(n)]
-
-
-def timed(fn, device: torch.device) -> float:
-    _sync(device)
-    started = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - started
 
 
 def run(args) -> dict:
@@ -97,18 +84,12 @@ def run(args) -> dict:
 
     variants = {"base": generate(base),
                 "personalized": generate(personalized, user_embedding=user_embedding, user_scale=args.user_scale)}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for round_index in range(args.warmup + args.repeats):
-        for name in order if round_index % 2 == 0 else order[::-1]:
-            elapsed = timed(variants[name], device)
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
+    times = time_abba(variants, args.warmup, args.repeats, device)
 
     def embed_once():
         embed_user(personalized.user_encoder, personalized.backbone, examples)  # no cache: the real cost
 
-    embed_times = [timed(embed_once, device) for _ in range(args.warmup + args.repeats)][args.warmup:]
+    embed_times = time_abba({"embed": embed_once}, args.warmup, args.repeats, device)["embed"]
 
     base_ips = args.batch_size / statistics.median(times["base"])
     personal_ips = args.batch_size / statistics.median(times["personalized"])

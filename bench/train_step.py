@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench_timing import sync, time_abba  # noqa: E402  (beside this script)
 from diffpref.models.builders import WORLD_SCHEDULER_CONFIG, WORLD_UNET_CONFIG  # noqa: E402
 
 CONFIGS = ("embedded", "sd15", "sdxl")
@@ -279,11 +280,6 @@ def _autocast(device: torch.device, dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels are asynchronous: the clock must wait for them
 
 
 class Variant:
@@ -739,7 +735,7 @@ def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, m
 
         cfg = ppd_train_config(config, ppd)
         build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone, progress=False)
-    _sync(device)
+    sync(device)
     encode_s = time.perf_counter() - started
     data = reference_inputs(manifest, prompts, parts, resolution)
     if ppd is not None:
@@ -751,20 +747,11 @@ def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, m
 # ----------------------------------------------------------------------------- timing
 def time_interleaved(variants: list, warmup: int, repeats: int, device) -> dict[str, list[float]]:
     """Step times per variant, rounds in ABBA order so drift and background load hit both alike."""
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for round_index in range(warmup + repeats):
-        order = variants if round_index % 2 == 0 else variants[::-1]
-        for variant in order:
-            _sync(device)
-            started = time.perf_counter()
-            loss = variant.step()
-            _sync(device)
-            elapsed = time.perf_counter() - started
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"{variant.name}: non-finite loss {loss}")
-            if round_index >= warmup:
-                times[variant.name].append(elapsed)
-    return times
+    def finite(name: str, loss) -> None:
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{name}: non-finite loss {loss}")
+
+    return time_abba({v.name: v.step for v in variants}, warmup, repeats, device, check=finite)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -840,10 +827,10 @@ def _memory_worker(args) -> dict:
     steps = args.warmup + args.repeats if args.sequential else 3
     step_times = []
     for i in range(steps):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         variant.step()
-        _sync(device)
+        sync(device)
         if i >= args.warmup:
             step_times.append(time.perf_counter() - started)
     if device.type == "cuda":
@@ -971,10 +958,10 @@ def run_flops(args) -> dict:
     flops = counter.get_total_flops()
     times = []
     for i in range(args.warmup + args.repeats):
-        _sync(device)
+        sync(device)
         started = time.perf_counter()
         fwd_bwd()
-        _sync(device)
+        sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
