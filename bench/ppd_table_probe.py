@@ -21,8 +21,7 @@ def build(cls, cfg, unet, cache, accelerator, tokenizer=None):
     return self
 
 def condition(self, prompt_embeds, indices, generators):
-    enc = self.encoder.module if hasattr(self.encoder, "module") else self.encoder
-    tokens = enc.user_table[self.bank.user_index[indices]]
+    tokens = self._encoder.user_table[self.bank.user_index[indices]]
     return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens), None, {}
 
 T.PPDConditioner.build = classmethod(build)
