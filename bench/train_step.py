@@ -106,6 +106,11 @@ CLIP_BIGG_TEXT_CONFIG = dict(  # SDXL's second text encoder (OpenCLIP ViT-bigG/1
     max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
 )
 RESOLUTION = {"embedded": 64, "sd15": 512, "sdxl": 1024}
+
+
+def resolution_of(args) -> int:
+    """``--resolution``, or the config's native image size."""
+    return args.resolution or RESOLUTION[args.config]
 UNET_CONFIG = {"embedded": WORLD_UNET_CONFIG, "sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 
 # Dense bf16 peak of the cards we expect, by a substring of torch.cuda.get_device_name(); first match wins.
@@ -121,6 +126,17 @@ def build_unet(config: str):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**unet_config(config))
+
+
+def set_attention(unet, attention: str):
+    """'sdpa' (diffusers' default processors) or 'xformers' (the stock switch, as the trainer's
+    ``attention: xformers``; the PPD user branch installed afterwards inherits it). Returns ``unet``."""
+    from diffpref.models.loading import check_attention
+
+    check_attention(attention)  # a clear error without CUDA or xformers
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    return unet
 
 
 def build_components(config: str, workdir: Path, seed: int = 0, unet: bool = True) -> dict:
@@ -638,10 +654,10 @@ def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, de
         encoder = UserEncoder(feature_dim=backbone.feature_dim, num_tokens=cfg.ppd_num_tokens,
                               token_dim=int(base_unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
                               layers=cfg.ppd_layers, heads=cfg.ppd_heads, output_scale_init=cfg.ppd_token_scale_init)
-        return ReferenceStylePPDStep(base_unet, reference_unet, parts, data, args.batch_pairs, RESOLUTION[args.config],
+        return ReferenceStylePPDStep(base_unet, reference_unet, parts, data, args.batch_pairs, resolution_of(args),
                                      device, backbone, encoder, cfg.ppd_num_tokens, cfg)
     return ReferenceStyleStep(base_unet, reference_unet, parts, data, args.method, args.lora_rank, args.batch_pairs,
-                              RESOLUTION[args.config], device)
+                              resolution_of(args), device)
 
 
 @torch.no_grad()
@@ -712,7 +728,8 @@ def _other_pairs(user_index: torch.Tensor, row: int) -> torch.Tensor:
     return others[others != row]
 
 
-def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, method: str = "dpo") -> tuple:
+def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, method: str = "dpo",
+                resolution: int | None = None) -> tuple:
     """Write the pair data, build the trainer's cache from it (timed), and the reference loop's inputs.
 
     PPD: also the trainer's context bank (every pair's backbone embeddings, saved beside the latent
@@ -720,7 +737,7 @@ def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, m
     CLIP inputs. Returns (cache, data, encode seconds, ppd set-up or None)."""
     from diffpref.training.cache import build_preference_cache
 
-    resolution = RESOLUTION[config]
+    resolution = resolution or RESOLUTION[config]
     manifest, prompts = write_pairs(workdir, n_pairs, resolution)
     pipe = make_pipeline(config, parts)
     pipe.to(device)
@@ -807,12 +824,14 @@ def _memory_worker(args) -> dict:
         from diffpref.training.cache import PreferenceCache
 
         cache = PreferenceCache(spec["cache"])
-        variant = make_variant("ours", args, None, build_unet(args.config), cache, None, device, spec["ppd"])
+        variant = make_variant("ours", args, None, set_attention(build_unet(args.config), args.attention), cache, None,
+                               device, spec["ppd"])
     else:
         parts = build_components(args.config, Path(args.worker_dir) / "child", unet=False)
         parts["unet"] = None
         data = torch.load(spec["data"], weights_only=True)
-        variant = make_variant("reference", args, parts, build_unet(args.config), None, data, device, spec["ppd"])
+        variant = make_variant("reference", args, parts, set_attention(build_unet(args.config), args.attention), None,
+                               data, device, spec["ppd"])
         del parts
     variant.finalize(dtype)
     gc.collect()
@@ -850,7 +869,8 @@ def measure_memory(args, workdir: Path, cache, data, dtype, ppd: dict | None = N
     for kind in ("ours", "reference"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--worker-dir", str(workdir),
                "--config", args.config, "--method", args.method, "--lora-rank", str(args.lora_rank),
-               "--batch-pairs", str(args.batch_pairs), "--device", args.device,
+               "--batch-pairs", str(args.batch_pairs), "--device", args.device, "--attention", args.attention,
+               *(["--resolution", str(args.resolution)] if args.resolution else []),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats)] + (["--sequential"] if args.sequential else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -860,41 +880,58 @@ def measure_memory(args, workdir: Path, cache, data, dtype, ppd: dict | None = N
 
 
 # ----------------------------------------------------------------------------- one benchmark
-def run_one(args) -> dict:
+def run_one(args) -> list[dict]:
+    """One (config, method, rank) combination: the data are cached once, then each ``args.attentions``
+    backend is timed and measured on it (one result each)."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = []
     with tempfile.TemporaryDirectory(prefix="diffpref_bench_") as tmp:
         workdir = Path(tmp)
         parts = build_components(args.config, workdir)
         # PPD: enough pairs per user that every number of shots can be drawn (the context never holds the pair itself)
         n_pairs = max(2 * args.batch_pairs, USERS * (PPD_PAIRS_PER_USER if args.method == "ppd" else 1))
-        cache, data, encode_s, ppd = build_cache(args.config, parts, workdir, n_pairs, device, args.method)
+        cache, data, encode_s, ppd = build_cache(args.config, parts, workdir, n_pairs, device, args.method,
+                                                resolution_of(args))
         base_unet = parts.pop("unet").cpu()
-        for key in ("vae", "text_encoder", "text_encoder_2"):  # back to the CPU until the reference loop takes them
-            if parts.get(key) is not None:
-                parts[key].cpu()
-        ours = make_variant("ours", args, parts, copy.deepcopy(base_unet), cache, data, device, ppd)
-        reference = make_variant("reference", args, parts, base_unet, cache, data, device, ppd)
-        perturb_and_share(ours, reference)
-        check = objective_check(ours, reference)
-        timings = {}
-        if not args.sequential:
-            for variant in (ours, reference):
-                variant.finalize(dtype)
-            timings = time_interleaved([ours, reference], args.warmup, args.repeats, device)
-        del ours, reference, parts, base_unet
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the memory workers need the card to themselves
-        memory = measure_memory(args, workdir, cache, data, dtype, ppd)
-        if args.sequential:
-            timings = {kind: memory[kind]["step_times"] for kind in memory}
+        for attention in args.attentions:
+            one = argparse.Namespace(**{**vars(args), "attention": attention})
+            for key in ("vae", "text_encoder", "text_encoder_2"):  # on the CPU until the reference loop takes them
+                if parts.get(key) is not None:
+                    parts[key].cpu()
+            unet = set_attention(copy.deepcopy(base_unet), attention)
+            ours = make_variant("ours", one, parts, copy.deepcopy(unet), cache, data, device, ppd)
+            reference = make_variant("reference", one, parts, unet, cache, data, device, ppd)
+            perturb_and_share(ours, reference)
+            check = objective_check(ours, reference)
+            timings = {}
+            if not args.sequential:
+                for variant in (ours, reference):
+                    variant.finalize(dtype)
+                timings = time_interleaved([ours, reference], args.warmup, args.repeats, device)
+            del ours, reference, unet
+            gc.collect()
+            if device.type == "cuda":
+                for key in ("vae", "text_encoder", "text_encoder_2"):
+                    if parts.get(key) is not None:
+                        parts[key].cpu()
+                torch.cuda.empty_cache()  # the memory workers need the card to themselves
+            memory = measure_memory(one, workdir, cache, data, dtype, ppd)
+            if args.sequential:
+                timings = {kind: memory[kind]["step_times"] for kind in memory}
+            results.append(_result(one, timings, memory, check, encode_s / n_pairs, n_pairs, dtype, device))
+    return results
+
+
+def _result(args, timings: dict, memory: dict, check: dict, encode_s_per_pair: float, n_pairs: int, dtype,
+            device) -> dict:
     median = {k: statistics.median(v) for k, v in timings.items()}
     pairs_per_s = args.batch_pairs / median["ours"]
     ref_pairs_per_s = args.batch_pairs / median["reference"]
     peak, ref_peak = memory["ours"]["peak_mem_mb"], memory["reference"]["peak_mem_mb"]
     return {
         "config": args.config, "method": args.method, "lora_rank": args.lora_rank, "batch_pairs": args.batch_pairs,
+        "attention": args.attention, "resolution": resolution_of(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "pairs_per_s": round(pairs_per_s, 3), "ref_pairs_per_s": round(ref_pairs_per_s, 3),
         "speedup": round(pairs_per_s / ref_pairs_per_s, 3),
@@ -905,7 +942,7 @@ def run_one(args) -> dict:
         # state, gradients and activations, which both variants share for the trainable UNet.
         "setup_mem_mb": round(memory["ours"]["setup_mem_mb"], 1),
         "ref_setup_mem_mb": round(memory["reference"]["setup_mem_mb"], 1),
-        "cache_encode_s_per_pair": round(encode_s / n_pairs, 4), "mem_method": memory["ours"]["mem_method"],
+        "cache_encode_s_per_pair": round(encode_s_per_pair, 4), "mem_method": memory["ours"]["mem_method"],
         "dtype": str(dtype).removeprefix("torch."), **check,
         **({"ppd_backbone": PPD_BACKBONE.get(args.config, "embedded world CLIP"), "ppd_pairs": n_pairs,
             "ppd_users": USERS} if args.method == "ppd" else {}),
@@ -932,10 +969,10 @@ def run_flops(args) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    unet = build_unet(args.config).to(device).train().requires_grad_(True)
+    unet = set_attention(build_unet(args.config), args.attention).to(device).train().requires_grad_(True)
     cfg = unet.config
     n = 2 * args.batch_pairs  # winners and losers go through the UNet as one batch
-    size = RESOLUTION[args.config] // (8 if args.config != "embedded" else 4)
+    size = resolution_of(args) // (8 if args.config != "embedded" else 4)
     x = torch.randn(n, cfg.in_channels, size, size, device=device)
     t = torch.randint(0, 1000, (n,), device=device)
     tokens = 77 if args.config != "embedded" else 16
@@ -944,7 +981,7 @@ def run_flops(args) -> dict:
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         added = {"text_embeds": torch.randn(n, pooled, device=device),
-                 "time_ids": torch.tensor([[RESOLUTION[args.config]] * 2 + [0, 0] + [RESOLUTION[args.config]] * 2],
+                 "time_ids": torch.tensor([[resolution_of(args)] * 2 + [0, 0] + [resolution_of(args)] * 2],
                                           device=device, dtype=torch.float32).repeat(n, 1)}
 
     def fwd_bwd():
@@ -968,7 +1005,7 @@ def run_flops(args) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if device.type == "cuda" else None)
     achieved = flops / seconds
-    return {"config": args.config, "batch_pairs": args.batch_pairs, "images_per_step": n,
+    return {"config": args.config, "batch_pairs": args.batch_pairs, "images_per_step": n, "attention": args.attention,
             "device_name": name, "dtype": str(dtype).removeprefix("torch."),
             "flops_per_step": flops, "step_s": round(seconds, 5), "tflops": round(achieved / 1e12, 3),
             "peak_tflops": round(peak / 1e12, 1) if peak else None,
@@ -989,11 +1026,17 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median taken; >= 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (>= 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image size in pixels (default: the config's own, 64 / 512 / 1024); smaller sizes "
+                             "make a quick CPU check of the sd15/sdxl code paths")
     parser.add_argument("--allow-cpu", action="store_true", help="run sd15/sdxl on a CPU anyway (very slow)")
     parser.add_argument("--sequential", action="store_true",
                         help="time each variant in its own process (when both do not fit on the card together)")
     parser.add_argument("--flops", action="store_true", help="UNet forward+backward MFU instead of the comparison")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
+    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "xformers"), dest="attentions",
+                        help="attention backend(s) of the UNet in both variants: sdpa (default), xformers (CUDA + "
+                             "xformers); several are measured one after another on one data cache")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1015,8 +1058,8 @@ def ranks_for(args, method: str) -> list[int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:  # a memory child: one (config, method, rank) combination, JSON on the last line
-        args.config, args.method = args.config[0], args.method[0]
+    if args.worker:  # a memory child: one (config, method, rank, attention) combination, JSON on the last line
+        args.config, args.method, args.attention = args.config[0], args.method[0], args.attentions[0]
         args.lora_rank = ranks_for(args, args.method)[0]
         result = _memory_worker(args)
         print(json.dumps(result))
@@ -1029,16 +1072,30 @@ def main(argv=None) -> int:
               "--allow-cpu to run it anyway.", file=sys.stderr)
         return 2
     results = []
+
+    def report(found: list[dict]) -> None:
+        # --json: one line per combination as soon as it is measured, so a long GPU run that is cut off
+        # keeps what it finished
+        results.extend(found)
+        if args.json:
+            for one in found:
+                print(json.dumps(one), flush=True)
+
     for config in args.config:
         for method in args.method:
             for rank in ranks_for(args, method):
                 one = argparse.Namespace(**{**vars(args), "config": config, "method": method, "lora_rank": rank})
-                results.append(run_flops(one) if args.flops else run_one(one))
+                if args.flops:
+                    report([run_flops(argparse.Namespace(**{**vars(one), "attention": attention}))
+                            for attention in args.attentions])
+                else:
+                    report(run_one(one))
                 if args.flops:
                     break  # FLOPs do not depend on the method or the adapters
             if args.flops:
                 break
-    print(json.dumps(results[0] if len(results) == 1 else results, indent=None if args.json else 2))
+    if not args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 

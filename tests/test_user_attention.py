@@ -293,9 +293,10 @@ def test_full_pipeline_call_with_user_tokens():
     assert not np.allclose(image_a, reference, atol=1e-5) and not np.allclose(image_a, image_b, atol=1e-5)
 
 
-def test_xformers_backend_layout_with_a_stand_in_kernel(monkeypatch):
+@pytest.fixture
+def stand_in_xformers(monkeypatch):
     """No GPU here: a plain-torch stand-in for xformers.ops.memory_efficient_attention (same layouts:
-    (B, M, H, K) or (B*H, M, K), bias over (.., Mq, Mk)) checks the xformers path's reshapes and masks."""
+    (B, M, H, K) or (B*H, M, K), bias over (.., Mq, Mk)), with CUDA reported available."""
     import sys
     import types
 
@@ -318,7 +319,11 @@ def test_xformers_backend_layout_with_a_stand_in_kernel(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
     monkeypatch.setattr(stock, "xformers", fake, raising=False)  # used by the stock XFormersAttnProcessor
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return fake
 
+
+def test_xformers_backend_layout_with_a_stand_in_kernel(stand_in_xformers):
+    """The xformers path's reshapes and masks give the sdpa path's output."""
     unet = tiny_sd15_pipeline(0).unet
     install_user_attention(unet, K, blocks=["up_blocks"])
     inputs, user = unet_inputs("sd15"), random_user("sd15", 0)
@@ -331,3 +336,26 @@ def test_xformers_backend_layout_with_a_stand_in_kernel(monkeypatch):
     torch.testing.assert_close(run_unet(unet, inputs, user), sdpa, atol=1e-5, rtol=0)
     set_user_attention_backend(unet, "sdpa")
     assert torch.equal(run_unet(unet, inputs, user), sdpa)
+
+
+def test_install_after_the_stock_xformers_switch_keeps_xformers(stand_in_xformers):
+    """The trainer enables xformers before installing the user branch: the new processors must not fall
+    back to sdpa, and an explicit backend= still wins. (The stock switch checks for a real xformers
+    install, so the processors it leaves are set directly here.)"""
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    unet = tiny_sd15_pipeline(0).unet
+    unet.set_attn_processor(XFormersAttnProcessor())
+    install_user_attention(unet, K, blocks=["up_blocks"])
+    ours = [p for p in unet.attn_processors.values() if isinstance(p, (UserAttnProcessor, TextOnlyAttnProcessor))]
+    assert ours and {p.backend for p in ours} == {"xformers"}
+    assert all(isinstance(p.inner, XFormersAttnProcessor) for p in ours if isinstance(p, TextOnlyAttnProcessor))
+
+    explicit = tiny_sd15_pipeline(0).unet
+    explicit.set_attn_processor(XFormersAttnProcessor())
+    install_user_attention(explicit, K, blocks=["up_blocks"], backend="sdpa")
+    assert {p.backend for p in explicit.attn_processors.values() if hasattr(p, "backend")} == {"sdpa"}
+
+    plain = tiny_sd15_pipeline(0).unet
+    install_user_attention(plain, K)
+    assert {p.backend for p in plain.attn_processors.values() if hasattr(p, "backend")} == {"sdpa"}

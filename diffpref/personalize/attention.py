@@ -342,8 +342,22 @@ def _chosen(name: str, blocks: str | Iterable[str]) -> bool:
     return any(name == prefix or name.startswith(prefix.rstrip(".") + ".") for prefix in blocks)
 
 
+def _backend_of(processor) -> tuple[str, Callable | None]:
+    """The attention backend a stock processor runs: ('xformers', its op) for diffusers' xformers one."""
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    if isinstance(processor, XFormersAttnProcessor):
+        return "xformers", processor.attention_op
+    return "sdpa", None
+
+
 def install_user_attention(
-    unet, num_user_tokens: int, blocks: str | list[str] = "all", scale: float = 1.0, value_init_scale: float = 1.0
+    unet,
+    num_user_tokens: int,
+    blocks: str | list[str] = "all",
+    scale: float = 1.0,
+    value_init_scale: float = 1.0,
+    backend: str | None = None,
 ) -> nn.ModuleDict:
     """Give the cross-attention layers of ``unet`` a decoupled user branch; returns the new processors.
 
@@ -356,6 +370,8 @@ def install_user_attention(
         value_init_scale: ``to_v_user`` starts as this multiple of ``to_v``. Below 1 the user branch starts
             as a weaker echo of the text attention: at full strength a second, text-like attention output
             doubles the layer's output and breaks prompt adherence.
+        backend: 'sdpa' or 'xformers' for the new processors. None (default) keeps what each layer ran:
+            after ``unet.enable_xformers_memory_efficient_attention()`` the user branch runs on xformers too.
 
     Returns:
         ``nn.ModuleDict`` of the `UserAttnProcessor` s, keyed by processor name with "." replaced by "__".
@@ -378,12 +394,16 @@ def install_user_attention(
                     f"{', '.join(available)} (or use blocks='all')"
                 )
 
+    if backend is not None:
+        _check_backend(backend)
     processors = dict(unet.attn_processors)
     user_processors: dict[str, UserAttnProcessor] = {}
     text_only: list[str] = []
     for name, attn in cross.items():
+        # Installing after the stock xformers switch must not quietly fall back to sdpa on these layers.
+        layer_backend, attention_op = (backend, None) if backend is not None else _backend_of(processors[name])
         if not _chosen(name, blocks):
-            processors[name] = TextOnlyAttnProcessor(num_user_tokens)
+            processors[name] = TextOnlyAttnProcessor(num_user_tokens, backend=layer_backend, attention_op=attention_op)
             text_only.append(name)
             continue
         processor = UserAttnProcessor(
@@ -392,6 +412,7 @@ def install_user_attention(
             num_user_tokens=num_user_tokens,
             scale=scale,
         )
+        processor.set_backend(layer_backend, attention_op)
         # copies, not shared tensors: the user projections train on their own
         with torch.no_grad():
             processor.to_k_user.weight.copy_(attn.to_k.weight)
