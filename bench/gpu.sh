@@ -29,12 +29,15 @@ try:
 except ImportError:
     xformers_version = None
 import diffusers
+from diffpref.models.loading import xformers_problem
 print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "diffusers": diffusers.__version__, "xformers": xformers_version}))
+                  "diffusers": diffusers.__version__, "xformers": xformers_version,
+                  "xformers_problem": xformers_problem()}))
 EOF
 
-attention="sdpa"
-python3 -c "import xformers.ops" 2> /dev/null && attention="sdpa xformers"
+attention="sdpa"  # and xformers where its kernels really run (an import can succeed with no kernels)
+python3 -c "from diffpref.models.loading import xformers_available as ok; raise SystemExit(not ok())" 2> /dev/null \
+    && attention="sdpa xformers"
 
 step() {  # step SECONDS COMMAND...: a hung or slow step cannot starve the ones after it
     local limit=$1

@@ -880,12 +880,11 @@ def measure_memory(args, workdir: Path, cache, data, dtype, ppd: dict | None = N
 
 
 # ----------------------------------------------------------------------------- one benchmark
-def run_one(args) -> list[dict]:
+def run_one(args):
     """One (config, method, rank) combination: the data are cached once, then each ``args.attentions``
-    backend is timed and measured on it (one result each)."""
+    backend is timed and measured on it; yields one result per backend as it is measured."""
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = []
     with tempfile.TemporaryDirectory(prefix="diffpref_bench_") as tmp:
         workdir = Path(tmp)
         parts = build_components(args.config, workdir)
@@ -919,8 +918,7 @@ def run_one(args) -> list[dict]:
             memory = measure_memory(one, workdir, cache, data, dtype, ppd)
             if args.sequential:
                 timings = {kind: memory[kind]["step_times"] for kind in memory}
-            results.append(_result(one, timings, memory, check, encode_s / n_pairs, n_pairs, dtype, device))
-    return results
+            yield _result(one, timings, memory, check, encode_s / n_pairs, n_pairs, dtype, device)
 
 
 def _result(args, timings: dict, memory: dict, check: dict, encode_s_per_pair: float, n_pairs: int, dtype,
@@ -1086,10 +1084,11 @@ def main(argv=None) -> int:
             for rank in ranks_for(args, method):
                 one = argparse.Namespace(**{**vars(args), "config": config, "method": method, "lora_rank": rank})
                 if args.flops:
-                    report([run_flops(argparse.Namespace(**{**vars(one), "attention": attention}))
-                            for attention in args.attentions])
+                    for attention in args.attentions:
+                        report([run_flops(argparse.Namespace(**{**vars(one), "attention": attention}))])
                 else:
-                    report(run_one(one))
+                    for result in run_one(one):
+                        report([result])
                 if args.flops:
                     break  # FLOPs do not depend on the method or the adapters
             if args.flops:

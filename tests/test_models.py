@@ -61,6 +61,28 @@ def test_xformers_refused_without_cuda():
         check_attention("flash")
 
 
+def test_xformers_probe_names_a_broken_install(monkeypatch):
+    """An xformers that imports but has no working kernel (a wheel built for another torch) is refused
+    with the reason, not found out deep inside the first attention call."""
+    import sys
+    import types
+
+    from diffpref.models.loading import xformers_problem
+
+    def no_kernel(query, key, value, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    fake = types.ModuleType("xformers")
+    fake.ops = types.SimpleNamespace(memory_efficient_attention=no_kernel)
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    problem = xformers_problem(device="cpu")
+    assert "does not run" in problem and "NotImplementedError" in problem and "matches this torch" in problem
+
+    fake.ops.memory_efficient_attention = lambda query, key, value, **kwargs: query
+    assert xformers_problem(device="cpu") is None
+
+
 def test_config_loader(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("seed: 3\nunet_steps: 10\n")

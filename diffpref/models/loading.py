@@ -47,14 +47,35 @@ def pipeline_class_name(model: str) -> str | None:
     return None
 
 
-def xformers_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+def xformers_problem(device: str = "cuda") -> str | None:
+    """Why xformers attention cannot run here, or None if a tiny half-precision call of it works.
+
+    Importing ``xformers.ops`` is not enough: a wheel built for another PyTorch / CUDA imports fine,
+    warns, and then has no kernels (seen with xformers 0.0.35 on torch 2.11 + CUDA 13).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        return "it needs a CUDA GPU and none is available"
     try:
-        import xformers.ops  # noqa: F401
+        import xformers.ops
     except ImportError:
-        return False
-    return True
+        return "the xformers package is not installed (pip install 'diffpref[gpu]')"
+    try:
+        q = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as error:  # NotImplementedError (no kernel), RuntimeError (CUDA), ...
+        return (f"xformers is installed but its attention kernel does not run ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); it was probably built for another "
+                "PyTorch/CUDA: install the xformers build that matches this torch")
+    return None
+
+
+_XFORMERS_PROBLEM: list[str | None] = []  # the probe's answer, once per process
+
+
+def xformers_available() -> bool:
+    if not _XFORMERS_PROBLEM:
+        _XFORMERS_PROBLEM.append(xformers_problem())
+    return _XFORMERS_PROBLEM[0] is None
 
 
 def check_attention(attention: str) -> str:
@@ -62,8 +83,8 @@ def check_attention(attention: str) -> str:
         raise ValueError(f"attention={attention!r}; valid choices are {ATTENTION_BACKENDS}")
     if attention == "xformers" and not xformers_available():
         raise RuntimeError(
-            "attention='xformers' needs a CUDA GPU and the xformers package (pip install 'diffpref[gpu]'); "
-            "use attention='sdpa' (PyTorch's memory-efficient attention, the default) here."
+            f"attention='xformers' cannot be used: {_XFORMERS_PROBLEM[0]}. Use attention='sdpa' "
+            "(PyTorch's memory-efficient attention, the default) instead."
         )
     return attention
 
