@@ -19,6 +19,7 @@ import torch
 
 from diffpref.personalize.backbones import UserExample
 from diffpref.world.captions import sample_prompt
+from diffpref.world.ceiling import ceiling_win_rate
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.evaluate import adherence_of, win_rate
 from diffpref.world.make_data import generate_in_batches
@@ -121,6 +122,7 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
             "win_rate": win_rate(r_tuned, r_base), "mean_reward": float(np.mean(r_tuned)),
             "base_mean_reward": float(np.mean(r_base)), "adherence": adherence,
             "ranking_accuracy": ranking_accuracy(pipe, tokens, held_out, seed=seed + u) if held_out else float("nan"),
+            "ceiling_win_rate": ceiling_win_rate(user, prompts, base_features),
         }
         if progress:
             print(f"  {user.user_id}: win rate {per_user[user.user_id]['win_rate']:.3f}", flush=True)
@@ -129,6 +131,8 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
         "adherence": float(np.mean(adherences)),
         "base_adherence": adherence_of(base, prompts)["mean_acc"],
         "ranking_accuracy": float(np.nanmean([v["ranking_accuracy"] for v in per_user.values()])),
+        # the most any adapter that keeps to the prompts could win here (diffpref.world.ceiling)
+        "ceiling_win_rate": float(np.mean([v["ceiling_win_rate"] for v in per_user.values()])),
         "shots": shots, "n": num_prompts, "per_user": per_user,
     }
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffpref.world.captions import sample_prompt
+from diffpref.world.ceiling import ceiling_win_rate
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.evaluate import adherence_of, win_rate
 from diffpref.world.make_data import generate_in_batches, world_pipeline
@@ -66,7 +67,8 @@ def compare(tuned: np.ndarray, base: np.ndarray, prompts: Sequence[str], users: 
     for user in users:
         r_tuned, r_base = oracle_reward(user, tuned_features), oracle_reward(user, base_features)
         per_user[user.user_id] = {"win_rate": win_rate(r_tuned, r_base), "mean_reward": float(np.mean(r_tuned)),
-                                  "base_mean_reward": float(np.mean(r_base))}
+                                  "base_mean_reward": float(np.mean(r_base)),
+                                  "ceiling_win_rate": ceiling_win_rate(user, prompts, base_features)}
     return {
         "win_rate_vs_base": float(np.mean([u["win_rate"] for u in per_user.values()])),
         "adherence": adherence_of(tuned, prompts)["mean_acc"],
