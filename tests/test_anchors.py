@@ -122,3 +122,42 @@ def test_anchor_evidence_picks_the_word_that_separates_the_choices():
     with pytest.raises(ValueError, match="anchor_evidence"):
         UserEncoder(feature_dim=12, num_tokens=2, token_dim=8, hidden=16, layers=0, heads=2, num_anchors=5,
                     preference_dim=4, anchor_evidence=True)
+
+
+def test_free_anchors_learn_beside_the_words_and_round_trip(tmp_path):
+    """Learned anchors join the bank after the words; they start near the average word, receive
+    gradient through the tokens and (via their learned directions) through the preference read-out."""
+    enc = anchored_encoder(free_anchors=2, anchor_evidence=True)
+    enc.train()
+    bank = enc.all_anchors()
+    assert bank.shape == (7, 8) and torch.equal(bank[:5], enc.anchors)
+    assert not torch.equal(bank[5], bank[6])  # spread apart, so each gets its own gradient
+    assert (bank[5:] - enc.anchors.mean(0)).norm(dim=-1).max() < 3 * enc.anchors.std(0).norm()
+    with torch.no_grad():
+        enc.anchor_logits.weight.normal_()
+        enc.free_anchor_directions.normal_()
+    # the evidence reads the learned directions too (independent: word directions, then the free ones)
+    directions = torch.cat([enc.anchor_directions, enc.free_anchor_directions]).detach()
+    with torch.no_grad():
+        saved = enc.anchor_logits.weight.clone()
+        enc.anchor_logits.weight.zero_()
+        diff = torch.randn(4)
+        probe = torch.cat([torch.zeros(4), diff, torch.zeros(4), diff]).expand(1, 2, 16)
+        _, probe_weights = enc(probe, return_unscaled=True)
+        expected = torch.softmax(enc.anchor_logits.bias + enc.evidence_log_scale.exp() * (diff @ directions.T), -1)
+        torch.testing.assert_close(probe_weights[0, 0], expected)
+        enc.anchor_logits.weight.copy_(saved)
+    features = torch.randn(2, 3, 16)
+    tokens, weights = enc(features, return_unscaled=True)
+    assert weights.shape == (2, 3, 7)
+    torch.testing.assert_close(tokens, torch.einsum("bka,ad->bkd", weights, enc.all_anchors()))
+    loss = tokens.square().sum() + enc.predict_preference(weights, torch.randn(2, 4)).sum()
+    loss.backward()
+    assert enc.free_anchor_tokens.grad.abs().sum() > 0 and enc.free_anchor_directions.grad.abs().sum() > 0
+    enc.save_pretrained(tmp_path / "enc")
+    loaded = UserEncoder.from_pretrained(tmp_path / "enc").eval()
+    assert loaded.config.free_anchors == 2
+    torch.testing.assert_close(loaded.all_anchors(), enc.all_anchors())
+    torch.testing.assert_close(loaded(features), enc.eval()(features))
+    with pytest.raises(ValueError, match="free_anchors"):
+        UserEncoder(feature_dim=16, num_tokens=3, token_dim=8, hidden=16, layers=0, heads=2, free_anchors=2)

@@ -41,12 +41,16 @@ class UserEncoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
                  layers: int = 2, heads: int = 4, output_scale_init: float = 1.0, preference_dim: int = 0,
-                 num_anchors: int = 0, anchor_words: list[str] | None = None, anchor_evidence: bool = False):
+                 num_anchors: int = 0, anchor_words: list[str] | None = None, anchor_evidence: bool = False,
+                 free_anchors: int = 0):
         super().__init__()
         if hidden % heads != 0:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
         if num_tokens < 1 or layers < 0:
             raise ValueError(f"num_tokens={num_tokens} must be >= 1 and layers={layers} >= 0")
+        if free_anchors < 0 or (free_anchors > 0 and num_anchors == 0):
+            raise ValueError(f"free_anchors={free_anchors} must be >= 0, and > 0 only beside text anchors "
+                             f"(num_anchors={num_anchors})")
         # Backbone features can be large and unevenly scaled (LLM hidden states have outlier dims).
         self.embed = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, hidden))
@@ -66,14 +70,20 @@ class UserEncoder(ModelMixin, ConfigMixin):
             # the logits from saturating the softmax, where a one-hot mixture would stop learning.
             # Zero weights: every token starts as the plain average of the anchors.
             self.register_buffer("anchors", torch.zeros(num_anchors, token_dim))
+            # Free anchors: learned tokens beside the words, for tastes no prompt word names (size,
+            # brightness); they start near the average word (``set_anchors``) and DPO moves them.
+            self.free_anchor_tokens = nn.Parameter(torch.zeros(free_anchors, token_dim)) if free_anchors else None
             self.anchor_norm = nn.LayerNorm(hidden)
-            self.anchor_logits = nn.Linear(hidden, num_anchors)
+            self.anchor_logits = nn.Linear(hidden, num_anchors + free_anchors)
             nn.init.zeros_(self.anchor_logits.weight)
             nn.init.zeros_(self.anchor_logits.bias)
             if preference_dim > 0:
                 # Each anchor word's direction in the backbone's space (its text embedding), so that the
                 # preference read-out must name the words that tell the user's choices apart.
                 self.register_buffer("anchor_directions", torch.zeros(num_anchors, preference_dim))
+                # a free anchor's direction is learned (from zero: no evidence, no read-out at first)
+                self.free_anchor_directions = (nn.Parameter(torch.zeros(free_anchors, preference_dim))
+                                               if free_anchors else None)
                 self.preference_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             if anchor_evidence:
                 if preference_dim <= 0 or feature_dim != 4 * preference_dim:
@@ -133,12 +143,13 @@ class UserEncoder(ModelMixin, ConfigMixin):
                 # image lies beyond the rejected one along the word's text direction. A word that keeps
                 # separating the user's choices ("red" for someone who likes red) is the natural first
                 # guess at their taste; the learned logits correct it.
-                diff = features[..., -self.config.preference_dim:].to(self.anchor_directions.dtype)
-                per_example = diff @ self.anchor_directions.T  # (B, k, A)
+                directions = self.all_anchor_directions()
+                diff = features[..., -self.config.preference_dim:].to(directions.dtype)
+                per_example = diff @ directions.T  # (B, k, A)
                 evidence = (per_example * weights).sum(1) / weights.sum(1)
                 logits = logits + self.evidence_log_scale.exp() * evidence.unsqueeze(1).to(logits.dtype)
             mixture = logits.softmax(-1)
-            anchored = mixture @ self.anchors.to(mixture.dtype)
+            anchored = mixture @ self.all_anchors().to(mixture.dtype)
             return (anchored, mixture) if return_unscaled else anchored
         projected = self.proj_out(tokens)
         scaled = self.norm_out(projected)  # (B, K, d)
@@ -146,6 +157,18 @@ class UserEncoder(ModelMixin, ConfigMixin):
             return scaled
         unscaled = nn.functional.layer_norm(projected, projected.shape[-1:], eps=self.norm_out.eps)
         return scaled, unscaled
+
+    def all_anchors(self) -> torch.Tensor:
+        """The anchor bank the tokens mix: the word anchors, then the free ones ``[A + M, token_dim]``."""
+        if self.free_anchor_tokens is None:
+            return self.anchors
+        return torch.cat([self.anchors, self.free_anchor_tokens.to(self.anchors.dtype)])
+
+    def all_anchor_directions(self) -> torch.Tensor:
+        """Backbone-space direction of every anchor ``[A + M, preference_dim]`` (free ones learned)."""
+        if getattr(self, "free_anchor_directions", None) is None:
+            return self.anchor_directions
+        return torch.cat([self.anchor_directions, self.free_anchor_directions.to(self.anchor_directions.dtype)])
 
     def set_anchors(self, anchors: torch.Tensor, words: Sequence[str] | None = None,
                     directions: torch.Tensor | None = None) -> None:
@@ -161,6 +184,11 @@ class UserEncoder(ModelMixin, ConfigMixin):
         if not torch.isfinite(anchors).all():
             raise ValueError("anchors hold NaN or inf values")
         self.anchors.copy_(anchors.to(self.anchors))
+        if self.free_anchor_tokens is not None:
+            with torch.no_grad():  # the average word, spread apart so that each free anchor gets its own gradient
+                spread = anchors.std(0) if len(anchors) > 1 else anchors.abs().mean().expand(anchors.shape[1])
+                noise = torch.randn(self.free_anchor_tokens.shape, generator=torch.Generator().manual_seed(0))
+                self.free_anchor_tokens.copy_((anchors.mean(0) + 0.5 * spread * noise).to(self.free_anchor_tokens))
         if hasattr(self, "anchor_directions"):
             if directions is None or tuple(directions.shape) != tuple(self.anchor_directions.shape):
                 raise ValueError(f"this encoder reads preferences through its anchors: pass directions of shape "
@@ -181,7 +209,7 @@ class UserEncoder(ModelMixin, ConfigMixin):
         if self.config.num_anchors > 0 and self.config.preference_dim > 0:
             # unscaled_tokens are the mixture weights [B, K, A]: the user's reward direction is the
             # average over tokens of their anchor words' backbone embeddings.
-            direction = unscaled_tokens.mean(1) @ self.anchor_directions.to(unscaled_tokens.dtype)
+            direction = unscaled_tokens.mean(1) @ self.all_anchor_directions().to(unscaled_tokens.dtype)
             return self.preference_log_scale.exp() * (direction * image_diff.to(direction.dtype)).sum(-1)
         if self.preference_head is None:
             raise ValueError("this encoder was built with preference_dim=0: it has no preference head")

@@ -51,7 +51,8 @@ class PPDConditioner:
                               output_scale_init=cfg.ppd_token_scale_init,
                               preference_dim=bank.text.shape[1] if cfg.ppd_preference_weight > 0 or anchors is not None else 0,
                               num_anchors=0 if anchors is None else len(anchors),
-                              anchor_evidence=anchors is not None and cfg.ppd_anchor_evidence).to(accelerator.device)
+                              anchor_evidence=anchors is not None and cfg.ppd_anchor_evidence,
+                              free_anchors=cfg.ppd_free_anchors if anchors is not None else 0).to(accelerator.device)
         if anchors is not None:
             encoder.set_anchors(anchors, words, directions)
         if cfg.ppd_user_table:

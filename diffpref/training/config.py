@@ -78,6 +78,7 @@ class TrainConfig:
     ppd_user_table: bool = field(default=False, metadata={"help": "PPD: the UNet trains on one learned token set per training user (DPO finds each user's tokens directly) while the encoder learns to predict those tokens from few-shot context; only the encoder ships"})
     ppd_distill_weight: float = field(default=1.0, metadata={"help": "PPD with ppd_user_table: weight of the encoder's regression onto the table tokens"})
     ppd_anchors: int = field(default=0, metadata={"help": "PPD: > 0 makes user tokens mixtures of this many text anchors (the text encoder's states of the training prompts' most frequent words), so the user branch steers like text from the start; 0 = free tokens"})
+    ppd_free_anchors: int = field(default=0, metadata={"help": "PPD with ppd_anchors: this many learned anchor tokens beside the words, for tastes no prompt word names (size, brightness)"})
     ppd_anchor_evidence: bool = field(default=True, metadata={"help": "PPD with ppd_anchors: add to each anchor's logit how well its word's backbone text direction separates the user's preferred from rejected images (open_clip backbones)"})
     ppd_attention_lr: float | None = field(default=None, metadata={"help": "PPD: learning rate of the UNet's user projections (and LoRA); default learning_rate. The head's small fresh weights want a far larger rate than copies of the UNet's"})
     ppd_value_init_scale: float = field(default=1.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v (below 1: the user branch starts weaker than the text attention)"})
@@ -105,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
         if self.ppd_anchors < 0:
             raise ValueError(f"ppd_anchors={self.ppd_anchors} must be >= 0 (0 = free user tokens)")
+        if self.ppd_free_anchors < 0 or (self.ppd_free_anchors > 0 and self.ppd_anchors == 0):
+            raise ValueError(f"ppd_free_anchors={self.ppd_free_anchors}: must be >= 0, and > 0 only with ppd_anchors > 0 "
+                             "(learned anchors sit beside the word anchors)")
         if self.ppd_value_init_scale <= 0:
             raise ValueError(f"ppd_value_init_scale={self.ppd_value_init_scale} must be > 0 (the user values start as "
                              "this multiple of to_v; 0 would give no gradient to anything behind them)")
