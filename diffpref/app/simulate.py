@@ -47,7 +47,7 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
     from diffpref.personalize.world_eval import generate_personalized
-    from diffpref.world.preference_eval import eval_prompts, generate_all
+    from diffpref.world.preference_eval import eval_prompts, generate_world_images
 
     unknown = set(modes) - set(PAIR_MODES)
     if unknown:
@@ -57,7 +57,7 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), adapter)
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = eval_prompts(num_prompts, seed + 1)
-    base = feature_matrix(detect_batch(generate_all(pipe, prompts, seeds, steps, None, 64, False, "base")))
+    base = feature_matrix(detect_batch(generate_world_images(pipe, prompts, seeds, steps, None, 64, False, "base")))
     curves: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
         for mode in modes:

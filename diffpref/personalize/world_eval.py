@@ -23,7 +23,7 @@ from diffpref.world.ceiling import ceiling_win_rate
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.evaluate import adherence_of, win_rate
 from diffpref.world.make_data import generate_in_batches
-from diffpref.world.preference_eval import eval_prompts, generate_all
+from diffpref.world.preference_eval import eval_prompts, generate_world_images
 from diffpref.world.users import WorldUser, load_users, oracle_reward
 
 
@@ -106,7 +106,7 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
     pipe = PersonalizedPipeline.from_base(base_pipe, adapter)
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = eval_prompts(num_prompts, seed)
-    base = generate_all(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "base")
+    base = generate_world_images(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "base")
     base_features = feature_matrix(detect_batch(base))
     per_user, adherences = {}, []
     for u, user in enumerate(users):
@@ -139,5 +139,5 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
 
 def generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size) -> np.ndarray:
     """uint8 world images of one user (tokens [K, d]), ``batch_size`` per pipeline call."""
-    return generate_all(pipe, prompts, seeds, steps, guidance_scale, batch_size, False, "personalized",
-                        user_embedding=tokens, user_scale=user_scale)
+    return generate_world_images(pipe, prompts, seeds, steps, guidance_scale, batch_size, False, "personalized",
+                                 user_embedding=tokens, user_scale=user_scale)

@@ -32,8 +32,9 @@ def eval_prompts(num_prompts: int, seed: int) -> tuple[list[str], list[int]]:
     return prompts, seeds
 
 
-def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float | None,
-                 batch_size: int, progress: bool, desc: str, **image_kwargs) -> np.ndarray:
+def generate_world_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                          guidance_scale: float | None, batch_size: int, progress: bool, desc: str,
+                          **image_kwargs) -> np.ndarray:
     """World-sized (64x64) uint8 images of every prompt, whatever the model's native size.
 
     ``image_kwargs`` go to the pipeline call (e.g. ``user_embedding=``, ``user_scale=``).
@@ -88,10 +89,10 @@ def evaluate_preference(model: Any = "embedded", adapter: str | os.PathLike | No
         raise ValueError("no users to evaluate: pass --users FILE (a JSON list of world users)")
     prompts, seeds = eval_prompts(num_prompts, seed)
     pipe, _ = world_pipeline(model)
-    base = generate_all(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "base")
+    base = generate_world_images(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "base")
     if adapter is not None:
         load_adapter(pipe, adapter)
-    tuned = generate_all(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "tuned")
+    tuned = generate_world_images(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "tuned")
     return compare(tuned, base, prompts, users)
 
 
@@ -103,15 +104,16 @@ class TrainingEvaluator:
         self.users = load_users(users_file)
         self.prompts, self.seeds = eval_prompts(cfg.eval_prompts, cfg.seed)
         self.pipe, _ = world_pipeline(cfg.model, device=str(unet.device))
-        self.base = generate_all(self.pipe, self.prompts, self.seeds, cfg.eval_sampling_steps, None, 100, progress, "base")
+        self.base = generate_world_images(self.pipe, self.prompts, self.seeds, cfg.eval_sampling_steps, None, 100,
+                                          progress, "base")
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float]:
         base_unet, was_training = self.pipe.unet, self.unet.training
         self.pipe.unet = self.unet.eval()
         try:
-            tuned = generate_all(self.pipe, self.prompts, self.seeds, self.cfg.eval_sampling_steps, None, 100,
-                                 self.progress, "eval")
+            tuned = generate_world_images(self.pipe, self.prompts, self.seeds, self.cfg.eval_sampling_steps, None,
+                                          100, self.progress, "eval")
         finally:
             self.pipe.unet = base_unet
             self.unet.train(was_training)

@@ -208,13 +208,13 @@ def grid_section(results: Path, out: Path, users=("red_large", "dark_small"), n:
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
     from diffpref.personalize.world_eval import generate_personalized, as_examples, draw_pairs
-    from diffpref.world.preference_eval import eval_prompts, generate_all
+    from diffpref.world.preference_eval import eval_prompts, generate_world_images
     from diffpref.world.users import load_users
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), results / "embedded_ppd")
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = eval_prompts(n, 7)
-    base = generate_all(pipe, prompts, seeds, 20, None, n, False, "base")
+    base = generate_world_images(pipe, prompts, seeds, 20, None, n, False, "base")
     lines = ["## Base (top) vs personalized with 4 shots (bottom)", ""]
     for i, name in enumerate(users):
         user = load_users(f"configs/users/{name}.json")[0]
