@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from diffpref.models.loading import load_pipeline
-    from diffpref.personalize.attention import concat_user_tokens, set_user_scale
+    from diffpref.personalize.world_eval import denoising_errors
     from diffpref.personalize.context import ContextBank
     from diffpref.personalize.pipeline import PersonalizedPipeline
     from diffpref.training.cache import PreferenceCache
@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
             x = torch.cat([a.sqrt() * latents[:, 0] + (1 - a).sqrt() * noise, a.sqrt() * latents[:, 1] + (1 - a).sqrt() * noise])
 
             def errors(tokens):
-                set_user_scale(unet, 0.0 if tokens is None else 1.0)
                 both = None if tokens is None else torch.cat([tokens, tokens])
-                cond = concat_user_tokens(torch.cat([text, text]), both, pipe.num_user_tokens)
-                out = unet(x, torch.cat([t, t]), encoder_hidden_states=cond).sample
-                err = (out - torch.cat([noise, noise])).pow(2).mean((1, 2, 3))
+                err = denoising_errors(unet, x, torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([text, text]),
+                                       both, pipe.num_user_tokens)
                 return err[:len(idx)], err[len(idx):]
 
             ref0, ref1 = errors(None)

@@ -57,10 +57,22 @@ def as_examples(pairs) -> list[UserExample]:
 
 
 @torch.no_grad()
+def denoising_errors(unet, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, text: torch.Tensor,
+                     tokens: torch.Tensor | None, num_user_tokens: int) -> torch.Tensor:
+    """Per-sample ``||eps - eps_theta(x_t, t, text [+ user])||^2`` (mean over latent elements), the term
+    of the Diffusion-DPO implicit reward (Wallace et al. 2023, eq. 14); ``tokens=None`` is the base
+    model (user scale 0). ``tokens`` is ``[B or 1, K, d]``; the UNet's user scale is left as set here."""
+    from diffpref.personalize.attention import concat_user_tokens, set_user_scale
+
+    set_user_scale(unet, 0.0 if tokens is None else 1.0)
+    cond = concat_user_tokens(text, None if tokens is None else tokens.to(text.dtype), num_user_tokens)
+    return (unet(x_t, t, encoder_hidden_states=cond).sample - noise).pow(2).mean(dim=(1, 2, 3))
+
+
+@torch.no_grad()
 def ranking_accuracy(pipe, tokens: torch.Tensor, pairs, draws: int = 4, seed: int = 0) -> float:
     """Fraction of held-out pairs whose DPO implicit reward under the personalized model matches the oracle."""
     from diffpref.models.loading import native_resolution
-    from diffpref.personalize.attention import concat_user_tokens, set_user_scale
     from diffpref.training.conditioning import encode_images
 
     unet, scheduler = pipe.unet, pipe.scheduler
@@ -68,8 +80,6 @@ def ranking_accuracy(pipe, tokens: torch.Tensor, pairs, draws: int = 4, seed: in
     latents = encode_images(pipe.vae, np.concatenate([np.stack([a, b]) for _, a, b, _ in pairs]), native_resolution(pipe))
     text, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
     text = text.repeat_interleave(2, dim=0)
-    with_user = concat_user_tokens(text, tokens.unsqueeze(0).to(text.dtype), pipe.num_user_tokens)
-    without = concat_user_tokens(text, None, pipe.num_user_tokens)
     gen = torch.Generator().manual_seed(seed)
     margin = torch.zeros(len(pairs))
     alphas = scheduler.alphas_cumprod
@@ -78,10 +88,8 @@ def ranking_accuracy(pipe, tokens: torch.Tensor, pairs, draws: int = 4, seed: in
         noise = torch.randn(len(pairs), *latents.shape[1:], generator=gen).repeat_interleave(2, dim=0)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-        set_user_scale(unet, 1.0)
-        err_model = (unet(x_t, t, encoder_hidden_states=with_user).sample - noise).pow(2).mean(dim=(1, 2, 3))
-        set_user_scale(unet, 0.0)
-        err_ref = (unet(x_t, t, encoder_hidden_states=without).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        err_model = denoising_errors(unet, x_t, t, noise, text, tokens.unsqueeze(0), pipe.num_user_tokens)
+        err_ref = denoising_errors(unet, x_t, t, noise, text, None, pipe.num_user_tokens)
         diff = (err_model - err_ref).view(-1, 2)
         margin += diff[:, 0] - diff[:, 1]  # < 0: the model moved towards image 0 more than towards image 1
     labels = torch.tensor([label for *_, label in pairs])
