@@ -99,10 +99,17 @@ def _inpo_ratio(curves) -> str:
     return "; ".join(notes)
 
 
+def _ceiling(result: dict) -> str:
+    """The eval's ``ceiling_win_rate`` (diffpref.world.ceiling), or a dash for results written before it existed."""
+    value = result.get("ceiling_win_rate")
+    return "-" if value is None else f"{value:.3f}"
+
+
 def ppd_section(results: Path, out: Path) -> list[str]:
     ev = results / "ppd_eval"
     lines = ["## PPD: one model, personalized from K of a user's choices", "",
-             "| users | K | win rate vs base | adherence | base adherence | ranking accuracy |", "|---|---|---|---|---|---|"]
+             "| users | K | win rate vs base | adherence | base adherence | ranking accuracy | attainable ceiling |",
+             "|---|---|---|---|---|---|---|"]
     series = {}
     for group in ("unseen", "seen"):
         for k in SHOTS:
@@ -111,11 +118,11 @@ def ppd_section(results: Path, out: Path) -> list[str]:
                 continue
             series.setdefault(group, []).append((k, r["win_rate_vs_base"]))
             lines.append(f"| {group} | {k} | {r['win_rate_vs_base']:.3f} | {r['adherence']:.3f} | "
-                         f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} |")
+                         f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} | {_ceiling(r)} |")
     full = _read(ev / "unseen_k4_full.json")
     if full:
         lines.append(f"| unseen (200 prompts) | 4 | {full['win_rate_vs_base']:.3f} | {full['adherence']:.3f} | "
-                     f"{full['base_adherence']:.3f} | {full['ranking_accuracy']:.3f} |")
+                     f"{full['base_adherence']:.3f} | {full['ranking_accuracy']:.3f} | {_ceiling(full)} |")
 
     def draw(ax):
         for group, pts in series.items():
