@@ -106,16 +106,16 @@ CLIP_BIGG_TEXT_CONFIG = dict(  # SDXL's second text encoder (OpenCLIP ViT-bigG/1
     max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
 )
 RESOLUTION = {"embedded": 64, "sd15": 512, "sdxl": 1024}
-
-
-def resolution_of(args) -> int:
-    """``--resolution``, or the config's native image size."""
-    return args.resolution or RESOLUTION[args.config]
 UNET_CONFIG = {"embedded": WORLD_UNET_CONFIG, "sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 
 # Dense bf16 peak of the cards we expect, by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
                    ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
+
+
+def resolution_of(args) -> int:
+    """``--resolution``, or the config's native image size."""
+    return args.resolution or RESOLUTION[args.config]
 
 
 def unet_config(config: str) -> dict:
@@ -893,11 +893,9 @@ def run_one(args):
         cache, data, encode_s, ppd = build_cache(args.config, parts, workdir, n_pairs, device, args.method,
                                                 resolution_of(args))
         base_unet = parts.pop("unet").cpu()
+        _park(parts)
         for attention in args.attentions:
             one = argparse.Namespace(**{**vars(args), "attention": attention})
-            for key in ("vae", "text_encoder", "text_encoder_2"):  # on the CPU until the reference loop takes them
-                if parts.get(key) is not None:
-                    parts[key].cpu()
             unet = set_attention(copy.deepcopy(base_unet), attention)
             ours = make_variant("ours", one, parts, copy.deepcopy(unet), cache, data, device, ppd)
             reference = make_variant("reference", one, parts, unet, cache, data, device, ppd)
@@ -909,16 +907,21 @@ def run_one(args):
                     variant.finalize(dtype)
                 timings = time_interleaved([ours, reference], args.warmup, args.repeats, device)
             del ours, reference, unet
+            _park(parts)
             gc.collect()
             if device.type == "cuda":
-                for key in ("vae", "text_encoder", "text_encoder_2"):
-                    if parts.get(key) is not None:
-                        parts[key].cpu()
                 torch.cuda.empty_cache()  # the memory workers need the card to themselves
             memory = measure_memory(one, workdir, cache, data, dtype, ppd)
             if args.sequential:
                 timings = {kind: memory[kind]["step_times"] for kind in memory}
             yield _result(one, timings, memory, check, encode_s / n_pairs, n_pairs, dtype, device)
+
+
+def _park(parts: dict) -> None:
+    """The VAE and text encoder(s) back on the CPU: the reference loop moves them to the device when it is built."""
+    for key in ("vae", "text_encoder", "text_encoder_2"):
+        if parts.get(key) is not None:
+            parts[key].cpu()
 
 
 def _result(args, timings: dict, memory: dict, check: dict, encode_s_per_pair: float, n_pairs: int, dtype,
@@ -1071,13 +1074,12 @@ def main(argv=None) -> int:
         return 2
     results = []
 
-    def report(found: list[dict]) -> None:
+    def report(result: dict) -> None:
         # --json: one line per combination as soon as it is measured, so a long GPU run that is cut off
         # keeps what it finished
-        results.extend(found)
+        results.append(result)
         if args.json:
-            for one in found:
-                print(json.dumps(one), flush=True)
+            print(json.dumps(result), flush=True)
 
     for config in args.config:
         for method in args.method:
@@ -1085,10 +1087,10 @@ def main(argv=None) -> int:
                 one = argparse.Namespace(**{**vars(args), "config": config, "method": method, "lora_rank": rank})
                 if args.flops:
                     for attention in args.attentions:
-                        report([run_flops(argparse.Namespace(**{**vars(one), "attention": attention}))])
+                        report(run_flops(argparse.Namespace(**{**vars(one), "attention": attention})))
                 else:
                     for result in run_one(one):
-                        report([result])
+                        report(result)
                 if args.flops:
                     break  # FLOPs do not depend on the method or the adapters
             if args.flops:

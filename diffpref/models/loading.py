@@ -8,6 +8,7 @@ message where they do not.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -69,13 +70,14 @@ def xformers_problem(device: str = "cuda") -> str | None:
     return None
 
 
-_XFORMERS_PROBLEM: list[str | None] = []  # the probe's answer, once per process
+@functools.cache
+def _xformers_problem_here() -> str | None:
+    """`xformers_problem` on this process's GPU, probed once."""
+    return xformers_problem()
 
 
 def xformers_available() -> bool:
-    if not _XFORMERS_PROBLEM:
-        _XFORMERS_PROBLEM.append(xformers_problem())
-    return _XFORMERS_PROBLEM[0] is None
+    return _xformers_problem_here() is None
 
 
 def check_attention(attention: str) -> str:
@@ -83,7 +85,7 @@ def check_attention(attention: str) -> str:
         raise ValueError(f"attention={attention!r}; valid choices are {ATTENTION_BACKENDS}")
     if attention == "xformers" and not xformers_available():
         raise RuntimeError(
-            f"attention='xformers' cannot be used: {_XFORMERS_PROBLEM[0]}. Use attention='sdpa' "
+            f"attention='xformers' cannot be used: {_xformers_problem_here()}. Use attention='sdpa' "
             "(PyTorch's memory-efficient attention, the default) instead."
         )
     return attention

@@ -166,7 +166,7 @@ class UserEncoder(ModelMixin, ConfigMixin):
 
     def all_anchor_directions(self) -> torch.Tensor:
         """Backbone-space direction of every anchor ``[A + M, preference_dim]`` (free ones learned)."""
-        if getattr(self, "free_anchor_directions", None) is None:
+        if self.free_anchor_directions is None:
             return self.anchor_directions
         return torch.cat([self.anchor_directions, self.free_anchor_directions.to(self.anchor_directions.dtype)])
 
