@@ -149,6 +149,16 @@ def cmd_world_make_data(args) -> int:
     return 0
 
 
+def cmd_world_relabel(args) -> int:
+    from diffpref.world.relabel import relabel_pairs
+    from diffpref.world.users import load_users
+
+    summary = relabel_pairs(args.pool, args.out, load_users(args.users_file), pairs_per_user=args.pairs_per_user,
+                            seed=args.seed, temperature=args.temperature)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_world_make_users(args) -> int:
     import numpy as np
 
@@ -358,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name-prob", type=float, default=0.5,
                    help="how often a caption names each attribute (lower: more pairs differ in what a user cares about)")
     p.set_defaults(func=cmd_world_make_data)
+
+    p = world.add_parser("relabel", help="more data without new images: a make-data pool's pairs rated by other users")
+    p.add_argument("--pool", required=True, help="pairs.parquet written by `world make-data` (its labels are ignored)")
+    p.add_argument("--users-file", required=True, help="JSON list of users with weights")
+    p.add_argument("--pairs-per-user", type=int, required=True, help="distinct pool pairs each user rates")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.1, help="Bradley-Terry temperature of the simulated choices")
+    p.set_defaults(func=cmd_world_relabel)
 
     p = world.add_parser("make-users", help="write a JSON list of simulated users with known tastes")
     p.add_argument("--out", required=True, help="JSON file to write")

@@ -242,3 +242,62 @@ def test_plan_pairs_name_prob_controls_how_much_captions_name():
     assert [j.seed_0 for j in default] == [j.seed_0 for j in plan_pairs(3, 10, seed=1, name_prob=0.1)]
     with pytest.raises(ValueError, match="name_prob"):
         plan_pairs(1, 1, seed=0, name_prob=1.5)
+
+
+# ----------------------------------------------------------------------------- relabel
+def test_relabel_rates_pool_pairs_by_each_users_oracle(tmp_path: Path, capsys) -> None:
+    from diffpref.world.relabel import relabel_pairs
+
+    pool = _make(tmp_path, "pool", RenderPipe(), pairs_per_user=6)["parquet"]  # 12 generated pairs
+    pool_rows = {(r["image_0_uid"], r["image_1_uid"]): r for r in pq.read_table(pool).to_pylist()}
+    # Opposite tastes: on a pair whose images differ in size they must disagree.
+    users = [WorldUser("big", {"size": 1.0}), WorldUser("small", {"size": -1.0}), WorldUser("red", {"color:red": 2.0})]
+    summary = relabel_pairs(pool, tmp_path / "relabelled", users, pairs_per_user=10, seed=3, temperature=0.0,
+                            progress=False)
+    assert summary["pairs"] == 30 and summary["pool"] == 12
+    table = pq.read_table(summary["parquet"])
+    assert table.schema.equals(pq.read_table(pool).schema)
+    rows = table.to_pylist()
+    labels: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        key = (r["image_0_uid"], r["image_1_uid"])
+        source = pool_rows[key]  # every rated pair comes from the pool, with its images and caption
+        assert (r["jpg_0"], r["jpg_1"], r["caption"]) == (source["jpg_0"], source["jpg_1"], source["caption"])
+        user = users[r["user_id"]]
+        assert r["world_user_id"] == user.user_id
+        # Rewards recomputed for this user from the pool's images, and the label follows them.
+        for side in (0, 1):
+            assert r[f"reward_{side}"] == pytest.approx(oracle_reward(user, detect(_png(r[f"jpg_{side}"]))))
+        expected = 1.0 if r["reward_0"] > r["reward_1"] else 0.0 if r["reward_0"] < r["reward_1"] else 0.5
+        assert r["label_0"] == expected
+        labels.setdefault(key, {})[user.user_id] = r["label_0"]
+    per_user = [sum(r["user_id"] == u for r in rows) for u in range(3)]
+    assert per_user == [10, 10, 10]
+    assert len({(r["user_id"], r["image_0_uid"]) for r in rows}) == 30, "a user rates a pool pair at most once"
+    disagreements = [v for v in labels.values() if {"big", "small"} <= set(v) and v["big"] != 0.5 and v["big"] != v["small"]]
+    assert disagreements, "opposite users rating the same pairs must disagree somewhere"
+    # The readers take it as any Pick-a-Pic file; deterministic in the seed.
+    assert len(read_pickapic(summary["parquet"], tie_policy="soft").pairs) == 30
+    again = relabel_pairs(pool, tmp_path / "again", users, pairs_per_user=10, seed=3, temperature=0.0, progress=False)
+    assert pq.read_table(again["parquet"]).equals(table)
+
+    # CLI, and the errors.
+    save_users(users, tmp_path / "users.json")
+    assert main(["world", "relabel", "--pool", str(pool), "--users-file", str(tmp_path / "users.json"),
+                 "--pairs-per-user", "4", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 12
+    with pytest.raises(ValueError, match=r"pairs_per_user must be in \[1, 12\]"):
+        relabel_pairs(pool, tmp_path / "x", users, pairs_per_user=13, seed=0, progress=False)
+    with pytest.raises(FileNotFoundError, match="make-data"):
+        relabel_pairs(tmp_path / "missing.parquet", tmp_path / "x", users, pairs_per_user=1, seed=0, progress=False)
+    pq.write_table(pa.table({"caption": ["a"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="missing column"):
+        relabel_pairs(tmp_path / "bad.parquet", tmp_path / "x", users, pairs_per_user=1, seed=0, progress=False)
+
+
+def _png(blob: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))

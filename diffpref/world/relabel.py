@@ -1,0 +1,117 @@
+"""More preference data without new images: existing world pairs rated again by other users.
+
+Generating images is the slow part of ``make-data`` (~13 images/s on 2 cores); the oracle is
+not. A pool of already generated pairs (any ``make-data`` output) can be rated by any number of
+simulated users, each choosing through their own Bradley-Terry model on the detector's reading.
+Beyond the amount of data, this gives what a user-conditioned objective needs most: the *same*
+pair preferred one way by one user and the other way by another, so only the user can explain
+the label (counterfactual pairs, which a pool of per-user images rarely holds).
+
+Reproducibility: which pool pairs user ``u`` rates, and their label draws, depend on
+``(seed, u)`` and the pool alone, as in ``make_data``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
+from diffpref.world.detector import detect_batch
+from diffpref.world.make_data import CREATED_AT_BASE, PAIRS_SCHEMA, pair_rng
+from diffpref.world.users import WorldUser, bradley_terry_choice, oracle_reward, save_users
+
+# The pool's columns that are copied unchanged into every rating of a pair.
+_POOL_COLUMNS = ("are_different", "caption", "image_0_uid", "image_0_url", "image_1_uid", "image_1_url",
+                 "jpg_0", "jpg_1", "model_0", "model_1", "seed_0", "seed_1")
+DETECT_BATCH = 512
+
+
+def _read_pool(source: Path) -> dict[str, list]:
+    if not source.is_file():
+        raise FileNotFoundError(f"no such pair pool: {source} (make one with `diffpref world make-data`)")
+    table = pq.read_table(source)
+    missing = sorted(set(_POOL_COLUMNS) - set(table.schema.names))
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; relabel reads `diffpref world make-data` "
+                         "output (its seed_0/seed_1 columns name the generations)")
+    if table.num_rows == 0:
+        raise ValueError(f"{source}: the pool has no pairs")
+    return {name: table.column(name).to_pylist() for name in _POOL_COLUMNS}
+
+
+def _decode(blob: bytes, source: Path, row: int) -> np.ndarray:
+    try:
+        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad image
+        raise ValueError(f"{source}: row {row}: image does not decode ({err}); regenerate the pool") from err
+
+
+def detect_pool(pool: dict[str, list], source: Path, progress: bool = True) -> tuple[list, list]:
+    """The detector's reading of both images of every pool pair."""
+    dets: tuple[list, list] = ([], [])
+    n = len(pool["caption"])
+    for start in tqdm(range(0, n, DETECT_BATCH), desc="detect pool", disable=not progress, dynamic_ncols=True):
+        rows = range(start, min(start + DETECT_BATCH, n))
+        for side in (0, 1):
+            images = np.stack([_decode(pool[f"jpg_{side}"][r], source, r) for r in rows])
+            dets[side].extend(detect_batch(images))
+    return dets
+
+
+def relabel_pairs(source: str | os.PathLike, out_dir: str | os.PathLike, users: list[WorldUser],
+                  pairs_per_user: int, seed: int, temperature: float = 0.1, progress: bool = True) -> dict:
+    """Write ``out_dir/pairs.parquet``: each user rates ``pairs_per_user`` distinct pairs of the pool.
+
+    ``source`` is a ``make-data`` parquet file; its images and captions are reused, its labels ignored.
+    Rows are user-major, with the schema of ``make_data`` (so all readers and trainers take it).
+    Returns ``{"out_dir", "pairs", "users", "pool", "ties", "parquet", "users_file"}``.
+    """
+    source = Path(source)
+    if not users:
+        raise ValueError("relabel_pairs needs at least one user")
+    ids = [u.user_id for u in users]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate user ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    pool = _read_pool(source)
+    size = len(pool["caption"])
+    if not 1 <= pairs_per_user <= size:
+        raise ValueError(f"pairs_per_user must be in [1, {size}] (the pool's pairs), got {pairs_per_user}")
+    det_0, det_1 = detect_pool(pool, source, progress)
+    # Which pairs each user rates: a permutation per user, so users overlap on many pairs.
+    chosen = [np.random.default_rng([seed, u, 2]).permutation(size)[:pairs_per_user] for u in range(len(users))]
+    prompt_counts = Counter(pool["caption"][i] for rows in chosen for i in rows)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parquet_path, users_path = out / "pairs.parquet", out / "users.json"
+    ties = row = 0
+    with PickapicWriter(parquet_path, PAIRS_SCHEMA) as writer:
+        for u, user in enumerate(tqdm(users, desc="relabel", disable=not progress, dynamic_ncols=True)):
+            for p, i in enumerate(chosen[u].tolist()):
+                label = float(bradley_terry_choice(user, det_0[i], det_1[i], temperature=temperature,
+                                                   rng=pair_rng(seed, u, p, 1)))
+                ties += label == 0.5
+                record = {name: pool[name][i] for name in _POOL_COLUMNS}
+                record.update({
+                    "best_image_uid": best_image_uid(label, pool["image_0_uid"][i], pool["image_1_uid"][i]),
+                    "created_at": CREATED_AT_BASE + np.timedelta64(row, "s").item(),
+                    "has_label": True, "label_0": label, "label_1": 1.0 - label, "ranking_id": row,
+                    "user_id": u, "num_example_per_prompt": prompt_counts[pool["caption"][i]],
+                    "world_user_id": user.user_id,
+                    "reward_0": float(oracle_reward(user, det_0[i])), "reward_1": float(oracle_reward(user, det_1[i])),
+                })
+                writer.write(record)
+                row += 1
+    save_users(users, users_path)
+    return {"out_dir": str(out), "pairs": row, "users": len(users), "pool": size, "ties": int(ties),
+            "parquet": str(parquet_path), "users_file": str(users_path)}
