@@ -235,6 +235,9 @@ def test_ppd_user_table_trains_the_encoder_towards_learned_user_tokens(tmp_path,
                              ppd_user_table=True, ppd_token_scale_init=1.0, ppd_preference_weight=0.5))
     history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
     assert all(np.isfinite(h["distill_mse"]) and h["distill_mse"] > 0 for h in history)
+    # Every user starts from the same tokens (a per-user random start is noise no encoder can predict);
+    # DPO then moves users apart.
+    assert history[0]["table_spread"] == 0.0 and history[-1]["table_spread"] > 0.0
     assert "user_pref_acc" in history[-1] and np.isfinite(summary["final"]["loss"])
     # The table is a training device: the shipped encoder is a plain one that loads as such.
     encoder = UserEncoder.from_pretrained(tmp_path / "out" / "user_encoder")

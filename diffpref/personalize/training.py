@@ -56,12 +56,17 @@ class PPDConditioner:
         if anchors is not None:
             encoder.set_anchors(anchors, words, directions)
         if cfg.ppd_user_table:
-            # One free token set per training user, on the encoder module so that the trainer's optimizer,
-            # checkpoints and resume cover it; ``export`` leaves it out of the shipped encoder.
+            # One token set per training user, on the encoder module so that the trainer's optimizer,
+            # checkpoints and resume cover it; ``export`` leaves it out of the shipped encoder. Every user
+            # starts from the same shared tokens with a zero offset: a random start per user would be
+            # noise the encoder cannot predict from a user's choices, and it swamped the regression
+            # target (its error stayed at the tokens' variance). Now users differ only where DPO moved them.
             num_users = int(bank.user_index.max()) + 1
-            table = torch.randn(num_users, cfg.ppd_num_tokens, int(unet.config.cross_attention_dim),
-                                generator=torch.Generator().manual_seed(cfg.seed))
-            encoder.register_parameter("user_table", torch.nn.Parameter(table.to(accelerator.device)))
+            dim = int(unet.config.cross_attention_dim)
+            shared = torch.randn(cfg.ppd_num_tokens, dim, generator=torch.Generator().manual_seed(cfg.seed))
+            encoder.register_parameter("user_table_shared", torch.nn.Parameter(shared.to(accelerator.device)))
+            encoder.register_parameter("user_table", torch.nn.Parameter(
+                torch.zeros(num_users, cfg.ppd_num_tokens, dim, device=accelerator.device)))
         encoder.train()
         return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
 
@@ -88,11 +93,14 @@ class PPDConditioner:
             # The UNet learns from each user's own DPO-found tokens (a low-noise signal per user); the
             # encoder learns to produce them from k of that user's other pairs. Layer norm keeps the
             # table at the scale and centring the encoder's output layer can reach.
-            table = self._encoder.user_table[self.bank.user_index[indices].to(device)]
+            encoder = self._encoder
+            table = encoder.user_table_shared + encoder.user_table[self.bank.user_index[indices].to(device)]
             table = torch.nn.functional.layer_norm(table, table.shape[-1:])
             distill = self.cfg.ppd_distill_weight * (tokens - table.detach()).pow(2).mean(dim=(1, 2))
             aux = distill if aux is None else aux + distill
             metrics["distill_mse"] = float(distill.detach().mean())
+            # What a user-blind encoder would score: the spread of the targets over the batch's users.
+            metrics["table_spread"] = float(table.detach().var(dim=0, unbiased=False).mean())
             tokens = table
         keep = randomness.per_sample_uniform(generators) >= self.cfg.ppd_user_dropout
         tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)  # zero tokens = no user
@@ -105,7 +113,7 @@ class PPDConditioner:
         encoder = self._encoder
         if "user_table" in dict(encoder.named_parameters()):
             shipped = UserEncoder(**{k: v for k, v in encoder.config.items() if not k.startswith("_")})
-            shipped.load_state_dict({k: v for k, v in encoder.state_dict().items() if k != "user_table"})
+            shipped.load_state_dict({k: v for k, v in encoder.state_dict().items() if not k.startswith("user_table")})
             encoder = shipped
         config = {
             "num_tokens": self.num_tokens, "blocks": self.cfg.ppd_blocks if self.cfg.ppd_blocks == "all"
