@@ -154,7 +154,7 @@ def cmd_world_relabel(args) -> int:
     from diffpref.world.users import load_users
 
     summary = relabel_pairs(args.pool, args.out, load_users(args.users_file), pairs_per_user=args.pairs_per_user,
-                            seed=args.seed, temperature=args.temperature)
+                            seed=args.seed, temperature=args.temperature, decided_only=args.decided_only)
     print(json.dumps(summary))
     return 0
 
@@ -376,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.1, help="Bradley-Terry temperature of the simulated choices")
+    p.add_argument("--decided-only", action="store_true",
+                   help="each user rates only pairs their oracle does not score equal (no coin-flip labels)")
     p.set_defaults(func=cmd_world_relabel)
 
     p = world.add_parser("make-users", help="write a JSON list of simulated users with known tastes")

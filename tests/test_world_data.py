@@ -281,6 +281,18 @@ def test_relabel_rates_pool_pairs_by_each_users_oracle(tmp_path: Path, capsys) -
     again = relabel_pairs(pool, tmp_path / "again", users, pairs_per_user=10, seed=3, temperature=0.0, progress=False)
     assert pq.read_table(again["parquet"]).equals(table)
 
+    # decided_only: nobody is given a pair they are indifferent to, so no label is a coin flip.
+    decided = relabel_pairs(pool, tmp_path / "decided", users[:2], pairs_per_user=8, seed=3, temperature=0.5,
+                            decided_only=True, progress=False)
+    decided_rows = pq.read_table(decided["parquet"]).to_pylist()
+    assert len(decided_rows) == 16 and all(r["reward_0"] != r["reward_1"] for r in decided_rows)
+    indifferent = sum(r["reward_0"] == r["reward_1"] for r in rows if r["user_id"] == 2)
+    red_decided = 12 - sum(r["reward_0"] == r["reward_1"] for r in pq.read_table(
+        relabel_pairs(pool, tmp_path / "red", users[2:], pairs_per_user=12, seed=0, progress=False)["parquet"]).to_pylist())
+    assert indifferent > 0 and red_decided < 12, "the pool should hold pairs a colour-only user does not care about"
+    with pytest.raises(ValueError, match=f"prefers one image in only {red_decided} of the pool's 12 pairs"):
+        relabel_pairs(pool, tmp_path / "x", users[2:], pairs_per_user=12, seed=0, decided_only=True, progress=False)
+
     # CLI, and the errors.
     save_users(users, tmp_path / "users.json")
     assert main(["world", "relabel", "--pool", str(pool), "--users-file", str(tmp_path / "users.json"),

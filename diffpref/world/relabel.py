@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
-from diffpref.world.detector import detect_batch
+from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.make_data import CREATED_AT_BASE, PAIRS_SCHEMA, pair_rng
 from diffpref.world.users import WorldUser, bradley_terry_choice, oracle_reward, save_users
 
@@ -67,10 +67,14 @@ def detect_pool(pool: dict[str, list], source: Path, progress: bool = True) -> t
 
 
 def relabel_pairs(source: str | os.PathLike, out_dir: str | os.PathLike, users: list[WorldUser],
-                  pairs_per_user: int, seed: int, temperature: float = 0.1, progress: bool = True) -> dict:
+                  pairs_per_user: int, seed: int, temperature: float = 0.1, decided_only: bool = False,
+                  progress: bool = True) -> dict:
     """Write ``out_dir/pairs.parquet``: each user rates ``pairs_per_user`` distinct pairs of the pool.
 
     ``source`` is a ``make-data`` parquet file; its images and captions are reused, its labels ignored.
+    ``decided_only``: a user only rates pairs whose two images their oracle scores differently. A user
+    who cares about one colour is indifferent to most pairs, and Bradley-Terry makes each of those a
+    coin flip: ~70 % of such a user's labels would be noise (an indifferent person would vote tie or skip).
     Rows are user-major, with the schema of ``make_data`` (so all readers and trainers take it).
     Returns ``{"out_dir", "pairs", "users", "pool", "ties", "parquet", "users_file"}``.
     """
@@ -87,8 +91,18 @@ def relabel_pairs(source: str | os.PathLike, out_dir: str | os.PathLike, users: 
     if not 1 <= pairs_per_user <= size:
         raise ValueError(f"pairs_per_user must be in [1, {size}] (the pool's pairs), got {pairs_per_user}")
     det_0, det_1 = detect_pool(pool, source, progress)
+    features_0, features_1 = feature_matrix(det_0), feature_matrix(det_1)
     # Which pairs each user rates: a permutation per user, so users overlap on many pairs.
-    chosen = [np.random.default_rng([seed, u, 2]).permutation(size)[:pairs_per_user] for u in range(len(users))]
+    chosen = []
+    for u, user in enumerate(users):
+        order = np.random.default_rng([seed, u, 2]).permutation(size)
+        if decided_only:
+            w = user.weight_vector()
+            order = order[(features_0[order] @ w) != (features_1[order] @ w)]
+            if len(order) < pairs_per_user:
+                raise ValueError(f"user {user.user_id!r} prefers one image in only {len(order)} of the pool's {size} "
+                                 f"pairs, fewer than pairs_per_user={pairs_per_user}: lower it or use a larger pool")
+        chosen.append(order[:pairs_per_user])
     prompt_counts = Counter(pool["caption"][i] for rows in chosen for i in rows)
 
     out = Path(out_dir)
