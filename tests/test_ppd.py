@@ -245,6 +245,57 @@ def test_ppd_user_table_trains_the_encoder_towards_learned_user_tokens(tmp_path,
     assert encoder.config.num_tokens == 2
 
 
+def test_low_rank_table_trains_and_the_encoder_is_fitted_to_it(tmp_path, tiny_sd15_dir, multi_user_manifest,
+                                                                 clip_dir):
+    from safetensors.torch import load_file
+
+    summary = train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, max_train_steps=4,
+                             ppd_user_table=True, ppd_table_rank=2, ppd_encoder_fit_steps=3))
+    assert np.isfinite(summary["final"]["loss"])
+    state = load_file(str(next((tmp_path / "out" / "checkpoints").glob("checkpoint-4/trainable.safetensors"))))
+    coords = next(v for k, v in state.items() if k.endswith("user_table"))
+    basis = next(v for k, v in state.items() if k.endswith("user_table_basis"))
+    assert coords.shape == (3, 2) and basis.shape == (2, 2 * 16) and coords.abs().sum() > 0  # 3 users, rank 2
+    config = json.loads((tmp_path / "out" / "ppd_config.json").read_text())
+    assert np.isfinite(config["encoder_fit_mse"])
+    with pytest.raises(ValueError, match="ppd_user_table: true"):
+        _ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, ppd_table_rank=2)
+
+
+def test_fit_encoder_to_table_learns_each_users_tokens():
+    """Users whose choices differ get the tokens the table holds for them, from a few of those choices."""
+    from types import SimpleNamespace
+
+    from diffpref.personalize.context import ContextBank
+    from diffpref.personalize.encoder import UserEncoder
+    from diffpref.personalize.training import PPDConditioner, add_user_table
+
+    gen = torch.Generator().manual_seed(0)
+    users, per_user, width = 4, 16, 8
+    # User u prefers whichever image lies further along direction u: their choices reveal u.
+    directions = torch.eye(width)[:users] * 3
+    image_0, image_1 = torch.randn(users * per_user, width, generator=gen), torch.randn(users * per_user, width, generator=gen)
+    user_index = torch.arange(users).repeat_interleave(per_user)
+    label = (((image_0 - image_1) * directions[user_index]).sum(1) > 0).float()
+    bank = ContextBank(torch.randn(users * per_user, width, generator=gen), image_0, image_1, label, user_index)
+    encoder = UserEncoder(feature_dim=bank.feature_dim, num_tokens=2, token_dim=16, hidden=32, layers=0)
+    add_user_table(encoder, users, num_tokens=2, dim=16, rank=3, seed=0)
+    with torch.no_grad():
+        encoder.user_table.copy_(torch.randn(users, 3, generator=gen) * 2)
+    cfg = SimpleNamespace(ppd_table_rank=3, learning_rate=3e-3, seed=0, ppd_shots_min=4, ppd_shots_max=8)
+    conditioner = PPDConditioner(cfg, encoder, bank, num_tokens=2, users=[str(u) for u in range(users)])
+    targets = conditioner.table_tokens(torch.arange(users)).detach()
+    table_before = {k: v.clone() for k, v in encoder.named_parameters() if k.startswith("user_table")}
+
+    loss = conditioner.fit_encoder_to_table(steps=300, batch_size=32, progress=False)
+    spread = float((targets - targets.mean(0)).pow(2).mean())  # what an encoder blind to the user scores
+    with torch.no_grad():
+        tokens = encoder(torch.stack([bank.features(bank.by_user[u][:6]) for u in range(users)]))
+    assert float((tokens - targets).pow(2).mean()) < 0.1 * spread and loss < 0.1 * spread
+    for name, before in table_before.items():  # the targets stay fixed
+        torch.testing.assert_close(dict(encoder.named_parameters())[name], before)
+
+
 def test_ppd_with_text_anchors_trains_exports_and_personalizes(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
     from diffusers import StableDiffusionPipeline
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffpref.personalize.adapter import save_ppd_adapter
 from diffpref.personalize.anchors import build_text_anchors
@@ -19,6 +20,24 @@ from diffpref.personalize.attention import concat_user_tokens, install_user_atte
 from diffpref.personalize.context import ContextBank, build_context_bank
 from diffpref.personalize.encoder import UserEncoder
 from diffpref.training import randomness
+
+
+def add_user_table(encoder: UserEncoder, num_users: int, num_tokens: int, dim: int, rank: int, seed: int) -> None:
+    """Register the per-user token table on ``encoder`` (``ppd_user_table``): shared tokens plus per-user offsets.
+
+    Offsets start at zero; with ``rank`` > 0 they are ``coordinates [U, rank] @ basis [rank, K * d]``.
+    """
+    device = next(encoder.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randn(num_tokens, dim, generator=gen)
+    encoder.register_parameter("user_table_shared", torch.nn.Parameter(shared.to(device)))
+    if rank:
+        # A user is r coordinates in a taste space whose basis all users train together. The basis
+        # starts small and random (zero would leave the coordinates without gradient).
+        basis = torch.randn(rank, num_tokens * dim, generator=gen) * 0.1
+        encoder.register_parameter("user_table_basis", torch.nn.Parameter(basis.to(device)))
+    encoder.register_parameter("user_table", torch.nn.Parameter(
+        torch.zeros(num_users, rank or num_tokens * dim, device=device)))
 
 
 class PPDConditioner:
@@ -61,12 +80,8 @@ class PPDConditioner:
             # starts from the same shared tokens with a zero offset: a random start per user would be
             # noise the encoder cannot predict from a user's choices, and it swamped the regression
             # target (its error stayed at the tokens' variance). Now users differ only where DPO moved them.
-            num_users = int(bank.user_index.max()) + 1
-            dim = int(unet.config.cross_attention_dim)
-            shared = torch.randn(cfg.ppd_num_tokens, dim, generator=torch.Generator().manual_seed(cfg.seed))
-            encoder.register_parameter("user_table_shared", torch.nn.Parameter(shared.to(accelerator.device)))
-            encoder.register_parameter("user_table", torch.nn.Parameter(
-                torch.zeros(num_users, cfg.ppd_num_tokens, dim, device=accelerator.device)))
+            add_user_table(encoder, int(bank.user_index.max()) + 1, cfg.ppd_num_tokens,
+                           int(unet.config.cross_attention_dim), cfg.ppd_table_rank, cfg.seed)
         encoder.train()
         return cls(cfg, encoder, bank, cfg.ppd_num_tokens, list(cache.users))
 
@@ -93,9 +108,7 @@ class PPDConditioner:
             # The UNet learns from each user's own DPO-found tokens (a low-noise signal per user); the
             # encoder learns to produce them from k of that user's other pairs. Layer norm keeps the
             # table at the scale and centring the encoder's output layer can reach.
-            encoder = self._encoder
-            table = encoder.user_table_shared + encoder.user_table[self.bank.user_index[indices].to(device)]
-            table = torch.nn.functional.layer_norm(table, table.shape[-1:])
+            table = self.table_tokens(self.bank.user_index[indices].to(device))
             distill = self.cfg.ppd_distill_weight * (tokens - table.detach()).pow(2).mean(dim=(1, 2))
             aux = distill if aux is None else aux + distill
             metrics["distill_mse"] = float(distill.detach().mean())
@@ -106,10 +119,55 @@ class PPDConditioner:
         tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)  # zero tokens = no user
         return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens), aux, metrics
 
+    def table_tokens(self, users: torch.Tensor) -> torch.Tensor:
+        """The learned tokens [B, K, d] of training users ``users`` (indices into the table)."""
+        encoder = self._encoder
+        offsets = encoder.user_table[users]
+        if self.cfg.ppd_table_rank:
+            offsets = offsets @ encoder.user_table_basis
+        table = encoder.user_table_shared + offsets.view(len(users), *encoder.user_table_shared.shape)
+        return torch.nn.functional.layer_norm(table, table.shape[-1:])
+
+    def fit_encoder_to_table(self, steps: int, batch_size: int = 128, progress: bool = True) -> float:
+        """Regress the encoder onto the final table tokens from k of each user's pairs; returns the last loss.
+
+        During DPO the regression chases tokens that are still moving and under-fits them (its error
+        stayed at the spread of the targets); against fixed targets it fits. Same context sampling as
+        training (k in [ppd_shots_min, ppd_shots_max], any of the user's pairs).
+        """
+        encoder = self._encoder
+        device = encoder.user_table.device
+        with torch.no_grad():
+            users = torch.arange(encoder.user_table.shape[0], device=device)
+            targets = self.table_tokens(users).detach()
+        head = [p for name, p in encoder.named_parameters() if not name.startswith("user_table")]
+        optimizer = torch.optim.AdamW(head, lr=self.cfg.learning_rate, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        rows_of_user = list(self.bank.by_user.items())
+        loss = torch.tensor(float("nan"))
+        for _ in tqdm(range(steps), desc="fit encoder to table", disable=not progress, dynamic_ncols=True):
+            picks = torch.randint(len(rows_of_user), (batch_size,), generator=gen).tolist()
+            # one row of each picked user; sample_context then draws k of that user's *other* pairs
+            rows = torch.stack([rows_of_user[i][1][torch.randint(len(rows_of_user[i][1]), (1,), generator=gen)][0]
+                                for i in picks])
+            generators = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**31, (batch_size,), generator=gen)]
+            features, mask = self.bank.sample_context(rows, generators, self.cfg.ppd_shots_min, self.cfg.ppd_shots_max)
+            tokens = encoder(features.to(device), mask.to(device))
+            loss = (tokens - targets[self.bank.user_index[rows].to(device)]).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        return float(loss.detach())
+
     def without_user(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         return concat_user_tokens(prompt_embeds[:, :-self.num_tokens], None, self.num_tokens)
 
-    def export(self, unet, output_dir: Path) -> Path:
+    def export(self, unet, output_dir: Path, progress: bool = True) -> Path:
+        fit_mse = None
+        if self.cfg.ppd_user_table and self.cfg.ppd_encoder_fit_steps:
+            fit_mse = self.fit_encoder_to_table(self.cfg.ppd_encoder_fit_steps, progress=progress)
         encoder = self._encoder
         if "user_table" in dict(encoder.named_parameters()):
             shipped = UserEncoder(**{k: v for k, v in encoder.config.items() if not k.startswith("_")})
@@ -122,4 +180,6 @@ class PPDConditioner:
             "feature_dim": self.bank.feature_dim, "base_model": self.cfg.model, "shots": [self.cfg.ppd_shots_min, self.cfg.ppd_shots_max],
             "trained_users": self.users,
         }
+        if fit_mse is not None:
+            config["encoder_fit_mse"] = fit_mse  # the encoder's final regression error onto the table tokens
         return save_ppd_adapter(output_dir, encoder, unet, config)

@@ -76,6 +76,8 @@ class TrainConfig:
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
     ppd_preference_weight: float = field(default=0.0, metadata={"help": "PPD: weight of the auxiliary loss that trains the encoder to predict the trained pair's choice from the user tokens (0 = off, plain DPO as in the paper)"})
     ppd_user_table: bool = field(default=False, metadata={"help": "PPD: the UNet trains on one learned token set per training user (DPO finds each user's tokens directly) while the encoder learns to predict those tokens from few-shot context; only the encoder ships"})
+    ppd_table_rank: int = field(default=0, metadata={"help": "PPD with ppd_user_table: > 0 makes each user a point in a learned taste space of this many dimensions (tokens = shared + coordinates @ basis); 0 = a free token set per user. Few numbers per user learn from few pairs, and the encoder has a simpler map to learn"})
+    ppd_encoder_fit_steps: int = field(default=0, metadata={"help": "PPD with ppd_user_table: after DPO, this many steps fitting the encoder to the final (fixed) table tokens on the cached context; the joint regression chases a moving target and under-fits"})
     ppd_distill_weight: float = field(default=1.0, metadata={"help": "PPD with ppd_user_table: weight of the encoder's regression onto the table tokens"})
     ppd_anchors: int = field(default=0, metadata={"help": "PPD: > 0 makes user tokens mixtures of this many text anchors (the text encoder's states of the training prompts' most frequent words), so the user branch steers like text from the start; 0 = free tokens"})
     ppd_free_anchors: int = field(default=0, metadata={"help": "PPD with ppd_anchors: this many learned anchor tokens beside the words, for tastes no prompt word names (size, brightness)"})
@@ -112,6 +114,12 @@ class TrainConfig:
         if self.ppd_value_init_scale <= 0:
             raise ValueError(f"ppd_value_init_scale={self.ppd_value_init_scale} must be > 0 (the user values start as "
                              "this multiple of to_v; 0 would give no gradient to anything behind them)")
+        if self.ppd_table_rank < 0 or self.ppd_encoder_fit_steps < 0:
+            raise ValueError(f"ppd_table_rank={self.ppd_table_rank} and ppd_encoder_fit_steps={self.ppd_encoder_fit_steps} "
+                             "must be >= 0")
+        if (self.ppd_table_rank or self.ppd_encoder_fit_steps) and not self.ppd_user_table:
+            raise ValueError("ppd_table_rank and ppd_encoder_fit_steps shape the per-user token table: set "
+                             "ppd_user_table: true, or leave them at 0")
         if self.ppd_attention_lr is not None and self.ppd_attention_lr < 0:
             raise ValueError(f"ppd_attention_lr={self.ppd_attention_lr} must be >= 0 (0 freezes the user projections)")
         if self.lora_alpha is None:
