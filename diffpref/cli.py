@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_world_make_data)
 
     p = world.add_parser("relabel", help="more data without new images: a make-data pool's pairs rated by other users")
-    p.add_argument("--pool", required=True, help="pairs.parquet written by `world make-data` (its labels are ignored)")
+    p.add_argument("--pool", required=True, nargs="+",
+                   help="pairs.parquet file(s) written by `world make-data`, one pool together (their labels are ignored)")
     p.add_argument("--users-file", required=True, help="JSON list of users with weights")
     p.add_argument("--pairs-per-user", type=int, required=True, help="distinct pool pairs each user rates")
     p.add_argument("--out", required=True)

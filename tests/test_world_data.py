@@ -293,6 +293,12 @@ def test_relabel_rates_pool_pairs_by_each_users_oracle(tmp_path: Path, capsys) -
     with pytest.raises(ValueError, match=f"prefers one image in only {red_decided} of the pool's 12 pairs"):
         relabel_pairs(pool, tmp_path / "x", users[2:], pairs_per_user=12, seed=0, decided_only=True, progress=False)
 
+    # Several files make one pool.
+    pool_b = _make(tmp_path, "pool_b", RenderPipe(), pairs_per_user=2, seed=9)["parquet"]  # 4 more pairs
+    both = relabel_pairs([pool, pool_b], tmp_path / "both", users[:1], pairs_per_user=16, seed=3, progress=False)
+    uids = {r["image_0_uid"] for r in pq.read_table(both["parquet"]).to_pylist()}
+    assert both["pool"] == 16 and uids == {r["image_0_uid"] for p in (pool, pool_b) for r in pq.read_table(p).to_pylist()}
+
     # CLI, and the errors.
     save_users(users, tmp_path / "users.json")
     assert main(["world", "relabel", "--pool", str(pool), "--users-file", str(tmp_path / "users.json"),

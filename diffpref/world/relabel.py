@@ -34,7 +34,19 @@ _POOL_COLUMNS = ("are_different", "caption", "image_0_uid", "image_0_url", "imag
 DETECT_BATCH = 512
 
 
-def _read_pool(source: Path) -> dict[str, list]:
+def _read_pool(sources: list[Path]) -> tuple[dict[str, list], list[tuple[Path, int]]]:
+    """The pool's columns over all ``sources`` (concatenated), and each row's (file, row in file)."""
+    pool: dict[str, list] = {name: [] for name in _POOL_COLUMNS}
+    origin: list[tuple[Path, int]] = []
+    for source in sources:
+        part = _read_one_pool(source)
+        for name in _POOL_COLUMNS:
+            pool[name].extend(part[name])
+        origin.extend((source, row) for row in range(len(part["caption"])))
+    return pool, origin
+
+
+def _read_one_pool(source: Path) -> dict[str, list]:
     if not source.is_file():
         raise FileNotFoundError(f"no such pair pool: {source} (make one with `diffpref world make-data`)")
     table = pq.read_table(source)
@@ -54,31 +66,32 @@ def _decode(blob: bytes, source: Path, row: int) -> np.ndarray:
         raise ValueError(f"{source}: row {row}: image does not decode ({err}); regenerate the pool") from err
 
 
-def detect_pool(pool: dict[str, list], source: Path, progress: bool = True) -> tuple[list, list]:
+def detect_pool(pool: dict[str, list], origin: list[tuple[Path, int]], progress: bool = True) -> tuple[list, list]:
     """The detector's reading of both images of every pool pair."""
     dets: tuple[list, list] = ([], [])
     n = len(pool["caption"])
     for start in tqdm(range(0, n, DETECT_BATCH), desc="detect pool", disable=not progress, dynamic_ncols=True):
         rows = range(start, min(start + DETECT_BATCH, n))
         for side in (0, 1):
-            images = np.stack([_decode(pool[f"jpg_{side}"][r], source, r) for r in rows])
+            images = np.stack([_decode(pool[f"jpg_{side}"][r], *origin[r]) for r in rows])
             dets[side].extend(detect_batch(images))
     return dets
 
 
-def relabel_pairs(source: str | os.PathLike, out_dir: str | os.PathLike, users: list[WorldUser],
+def relabel_pairs(source: str | os.PathLike | list[str | os.PathLike], out_dir: str | os.PathLike, users: list[WorldUser],
                   pairs_per_user: int, seed: int, temperature: float = 0.1, decided_only: bool = False,
                   progress: bool = True) -> dict:
     """Write ``out_dir/pairs.parquet``: each user rates ``pairs_per_user`` distinct pairs of the pool.
 
-    ``source`` is a ``make-data`` parquet file; its images and captions are reused, its labels ignored.
+    ``source`` is a ``make-data`` parquet file or a list of them (one pool); images and captions are
+    reused, labels ignored.
     ``decided_only``: a user only rates pairs whose two images their oracle scores differently. A user
     who cares about one colour is indifferent to most pairs, and Bradley-Terry makes each of those a
     coin flip: ~70 % of such a user's labels would be noise (an indifferent person would vote tie or skip).
     Rows are user-major, with the schema of ``make_data`` (so all readers and trainers take it).
     Returns ``{"out_dir", "pairs", "users", "pool", "ties", "parquet", "users_file"}``.
     """
-    source = Path(source)
+    sources = [Path(s) for s in (source if isinstance(source, (list, tuple)) else [source])]
     if not users:
         raise ValueError("relabel_pairs needs at least one user")
     ids = [u.user_id for u in users]
@@ -86,11 +99,11 @@ def relabel_pairs(source: str | os.PathLike, out_dir: str | os.PathLike, users: 
         raise ValueError(f"duplicate user ids {sorted({i for i in ids if ids.count(i) > 1})}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    pool = _read_pool(source)
+    pool, origin = _read_pool(sources)
     size = len(pool["caption"])
     if not 1 <= pairs_per_user <= size:
         raise ValueError(f"pairs_per_user must be in [1, {size}] (the pool's pairs), got {pairs_per_user}")
-    det_0, det_1 = detect_pool(pool, source, progress)
+    det_0, det_1 = detect_pool(pool, origin, progress)
     features_0, features_1 = feature_matrix(det_0), feature_matrix(det_1)
     # Which pairs each user rates: a permutation per user, so users overlap on many pairs.
     chosen = []
