@@ -178,6 +178,17 @@ def pair_row(job: PairJob, user: WorldUser, images: tuple[np.ndarray, np.ndarray
 
 
 # ----------------------------------------------------------------------------- entry point
+def check_labelling(users: list[WorldUser], temperature: float, caller: str) -> None:
+    """The checks every labelling entry point makes before any work: users present and unique, T >= 0."""
+    if not users:
+        raise ValueError(f"{caller} needs at least one user")
+    ids = [u.user_id for u in users]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate user ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+
 def make_preference_data(out_dir: str | os.PathLike, users: list[WorldUser], pairs_per_user: int, seed: int,
                          model: Any = "embedded", temperature: float = 0.1, batch_size: int = 64,
                          steps: int = 25, guidance_scale: float | None = None, progress: bool = True,
@@ -190,13 +201,7 @@ def make_preference_data(out_dir: str | os.PathLike, users: list[WorldUser], pai
     image 1, 0.5 a tie (only possible at temperature 0, on equal rewards).
     Returns ``{"out_dir", "pairs", "users", "ties", "parquet", "users_file"}``.
     """
-    if not users:
-        raise ValueError("make_preference_data needs at least one user")
-    ids = [u.user_id for u in users]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"duplicate user ids {sorted({i for i in ids if ids.count(i) > 1})}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_labelling(users, temperature, "make_preference_data")
     jobs = plan_pairs(len(users), pairs_per_user, seed, name_prob)
     pipe, model_name = world_pipeline(model, device)
     prompt_counts = Counter(job.caption for job in jobs)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
 from diffpref.world.detector import detect_batch, feature_matrix
-from diffpref.world.make_data import CREATED_AT_BASE, PAIRS_SCHEMA, pair_rng
+from diffpref.world.make_data import CREATED_AT_BASE, PAIRS_SCHEMA, check_labelling, pair_rng
 from diffpref.world.users import WorldUser, bradley_terry_choice, oracle_reward, save_users
 
 # The pool's columns that are copied unchanged into every rating of a pair.
@@ -92,13 +92,7 @@ def relabel_pairs(source: str | os.PathLike | list[str | os.PathLike], out_dir: 
     Returns ``{"out_dir", "pairs", "users", "pool", "ties", "parquet", "users_file"}``.
     """
     sources = [Path(s) for s in (source if isinstance(source, (list, tuple)) else [source])]
-    if not users:
-        raise ValueError("relabel_pairs needs at least one user")
-    ids = [u.user_id for u in users]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"duplicate user ids {sorted({i for i in ids if ids.count(i) > 1})}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_labelling(users, temperature, "relabel_pairs")
     pool, origin = _read_pool(sources)
     size = len(pool["caption"])
     if not 1 <= pairs_per_user <= size:
