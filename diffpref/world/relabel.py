@@ -13,16 +13,16 @@ Reproducibility: which pool pairs user ``u`` rates, and their label draws, depen
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm.auto import tqdm
 
+from diffpref.data.errors import ImageRejected
+from diffpref.data.images import decode_image
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.make_data import CREATED_AT_BASE, PAIRS_SCHEMA, check_labelling, pair_rng
@@ -61,8 +61,8 @@ def _read_one_pool(source: Path) -> dict[str, list]:
 
 def _decode(blob: bytes, source: Path, row: int) -> np.ndarray:
     try:
-        return np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad image
+        return np.asarray(decode_image(blob))
+    except ImageRejected as err:
         raise ValueError(f"{source}: row {row}: image does not decode ({err}); regenerate the pool") from err
 
 
