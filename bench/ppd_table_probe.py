@@ -30,13 +30,12 @@ def table_tokens(state: dict[str, torch.Tensor]) -> torch.Tensor:
     def find(suffix: str) -> torch.Tensor | None:
         return next((v for k, v in state.items() if k.endswith(suffix)), None)
 
+    from diffpref.personalize.training import user_table_tokens
+
     offsets, shared, basis = find(".user_table"), find(".user_table_shared"), find(".user_table_basis")
     if offsets is None or shared is None:
         raise ValueError("the checkpoint holds no user table: train with ppd_user_table: true")
-    if basis is not None:
-        offsets = offsets @ basis
-    tokens = shared + offsets.view(len(offsets), *shared.shape)
-    return torch.nn.functional.layer_norm(tokens, tokens.shape[-1:])
+    return user_table_tokens(shared, offsets, basis)
 
 
 def newest_checkpoint(adapter: Path) -> Path:

@@ -40,6 +40,15 @@ def add_user_table(encoder: UserEncoder, num_users: int, num_tokens: int, dim: i
         torch.zeros(num_users, rank or num_tokens * dim, device=device)))
 
 
+def user_table_tokens(shared: torch.Tensor, offsets: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """Tokens [B, K, d] of a user table's rows: ``shared [K, d]`` plus each row's offset (``offsets [B, K*d]``,
+    or ``offsets [B, r] @ basis [r, K*d]`` for a low-rank table), layer-normed as the UNet reads them."""
+    if basis is not None:
+        offsets = offsets @ basis
+    table = shared + offsets.view(len(offsets), *shared.shape)
+    return torch.nn.functional.layer_norm(table, table.shape[-1:])
+
+
 class PPDConditioner:
     def __init__(self, cfg, encoder: UserEncoder, bank: ContextBank, num_tokens: int, users: list[str]):
         self.cfg, self.encoder, self.bank, self.num_tokens, self.users = cfg, encoder, bank, num_tokens, users
@@ -122,11 +131,8 @@ class PPDConditioner:
     def table_tokens(self, users: torch.Tensor) -> torch.Tensor:
         """The learned tokens [B, K, d] of training users ``users`` (indices into the table)."""
         encoder = self._encoder
-        offsets = encoder.user_table[users]
-        if self.cfg.ppd_table_rank:
-            offsets = offsets @ encoder.user_table_basis
-        table = encoder.user_table_shared + offsets.view(len(users), *encoder.user_table_shared.shape)
-        return torch.nn.functional.layer_norm(table, table.shape[-1:])
+        basis = encoder.user_table_basis if self.cfg.ppd_table_rank else None
+        return user_table_tokens(encoder.user_table_shared, encoder.user_table[users], basis)
 
     def fit_encoder_to_table(self, steps: int, batch_size: int = 128, progress: bool = True) -> float:
         """Regress the encoder onto the final table tokens from k of each user's pairs; returns the last loss.
