@@ -323,6 +323,37 @@ def test_ppd_with_text_anchors_trains_exports_and_personalizes(tmp_path, tiny_sd
     assert np.isfinite(mine).all() and not np.allclose(mine, base)
 
 
+def test_ppd_evidence_encoder_trains_exports_and_personalizes(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from diffpref.personalize.backbones import OpenClipBackbone
+    from diffpref.personalize.encoder import UserEncoder
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+
+    with pytest.raises(ValueError, match="ppd_encoder: evidence"):
+        _ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, ppd_encoder="evidence", ppd_user_table=True)
+    with pytest.raises(ValueError, match="ppd_encoder"):
+        _ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, ppd_encoder="mlp")
+    summary = train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, ppd_encoder="evidence"))
+    assert np.isfinite(summary["final"]["loss"])
+    encoder = UserEncoder.from_pretrained(tmp_path / "out" / "user_encoder")
+    assert encoder.config.evidence_dim * 4 == encoder.config.feature_dim
+    assert encoder.evidence_map.weight.abs().sum() > 0  # DPO moved the map away from its user-blind zero start
+    assert float(encoder.evidence_scale) != 1.0  # set from the training pairs' differences
+    pipe = PersonalizedPipeline.from_base(StableDiffusionPipeline.from_pretrained(tiny_sd15_dir), tmp_path / "out",
+                                          backbone=OpenClipBackbone.from_pretrained(clip_dir))
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(1)
+    kw = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=1.0)
+
+    def generate(color):
+        examples = [UserExample("a shape", render(sample_attributes(rng, color=color)), render(sample_attributes(rng)))]
+        return pipe("a shape", user_examples=examples, generator=torch.Generator().manual_seed(0), **kw).images
+
+    red, blue = generate("red"), generate("blue")
+    assert np.isfinite(red).all() and not np.allclose(red, blue)  # different choices, different images
+
+
 def test_ppd_attention_lr_sets_the_user_projections_own_rate(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
     """A zero rate for the user projections keeps them at their initial (scaled) copies while the head trains."""
     from diffusers import UNet2DConditionModel

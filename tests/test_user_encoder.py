@@ -103,6 +103,45 @@ def test_encoder_trains_and_round_trips(tmp_path):
         torch.testing.assert_close(loaded(x), encoder(x))
 
 
+def test_evidence_encoder_matches_an_independent_computation_and_round_trips(tmp_path):
+    """tokens = LN(shared + W (scale * mean over examples of (phi(pref) - phi(rej)))), per user."""
+    encoder = UserEncoder(feature_dim=FEATURES, num_tokens=3, token_dim=8, evidence_dim=FEATURES // 4)
+    assert not hasattr(encoder, "embed")  # no set-transformer weights to sit unused under DDP
+    features = torch.randn(2, 5, FEATURES)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        blind = encoder(features, mask)  # W starts at zero: every user gets the shared tokens
+        torch.testing.assert_close(blind[0], blind[1])
+        encoder.evidence_map.weight.normal_()
+    diffs = torch.randn(100, FEATURES // 4) * 0.3
+    encoder.set_evidence_scale(diffs)
+    scale = 1.0 / float(diffs.pow(2).mean().sqrt())
+    with torch.no_grad():
+        got = encoder(features, mask)
+    for b, k in enumerate((5, 2)):
+        evidence = features[b, :k, -FEATURES // 4:].mean(0) * scale
+        raw = encoder.evidence_tokens + (encoder.evidence_map.weight @ evidence).view(3, 8)
+        expected = (raw - raw.mean(-1, keepdim=True)) / (raw.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        torch.testing.assert_close(got[b], expected.detach())
+    # order of the examples does not matter; padding rows do not either
+    torch.testing.assert_close(encoder(features[:, [4, 2, 0, 1, 3]], mask[:, [4, 2, 0, 1, 3]]).detach()[0], got[0])
+    encoder.save_pretrained(tmp_path / "enc")
+    loaded = UserEncoder.from_pretrained(tmp_path / "enc")
+    torch.testing.assert_close(loaded(features, mask).detach(), got)  # the scale buffer travels with it
+
+
+def test_evidence_encoder_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="feature_dim = 4 \\* evidence_dim"):
+        UserEncoder(feature_dim=10, evidence_dim=3)
+    with pytest.raises(ValueError, match="no text anchors"):
+        UserEncoder(feature_dim=12, evidence_dim=3, num_anchors=2)
+    encoder = UserEncoder(feature_dim=12, evidence_dim=3)
+    with pytest.raises(ValueError, match="RMS"):
+        encoder.set_evidence_scale(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="no preference head"):
+        encoder(torch.randn(1, 2, 12), return_unscaled=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # embed_user, cache, mixing, files
 

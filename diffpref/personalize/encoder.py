@@ -42,8 +42,11 @@ class UserEncoder(ModelMixin, ConfigMixin):
     def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
                  layers: int = 2, heads: int = 4, output_scale_init: float = 1.0, preference_dim: int = 0,
                  num_anchors: int = 0, anchor_words: list[str] | None = None, anchor_evidence: bool = False,
-                 free_anchors: int = 0):
+                 free_anchors: int = 0, evidence_dim: int = 0):
         super().__init__()
+        if evidence_dim > 0:
+            self._init_evidence(feature_dim, num_tokens, token_dim, evidence_dim, num_anchors, preference_dim)
+            return
         if hidden % heads != 0:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
         if num_tokens < 1 or layers < 0:
@@ -105,6 +108,45 @@ class UserEncoder(ModelMixin, ConfigMixin):
             # unit-scale random tokens would do to the UNet; not zero, so every weight gets gradient.
             nn.init.constant_(self.norm_out.weight, output_scale_init)
 
+    def _init_evidence(self, feature_dim: int, num_tokens: int, token_dim: int, evidence_dim: int,
+                       num_anchors: int, preference_dim: int) -> None:
+        """The evidence encoder (``evidence_dim`` > 0): ``tokens = LN(shared + W @ mean(phi(pref) - phi(rej)))``.
+
+        The mean embedding difference between preferred and rejected images is the plain estimate of a
+        linear taste from a few choices; one linear map shared by all users turns it into tokens, so every
+        user's pairs train the same few weights (a learned head has to discover that statistic from the
+        DPO signal first, and on the world it did not). ``W`` starts at zero: a user-blind start.
+        """
+        if feature_dim != 4 * evidence_dim:
+            raise ValueError(f"the evidence encoder reads the [text, pref, rej, pref - rej] features of an open_clip "
+                             f"backbone: it needs feature_dim = 4 * evidence_dim, got {feature_dim} and {evidence_dim}")
+        if num_anchors or preference_dim:
+            raise ValueError("the evidence encoder has no text anchors and no preference head: "
+                             f"got num_anchors={num_anchors}, preference_dim={preference_dim}")
+        gen = torch.Generator().manual_seed(0)
+        self.evidence_tokens = nn.Parameter(torch.randn(num_tokens, token_dim, generator=gen))
+        self.evidence_map = nn.Linear(evidence_dim, num_tokens * token_dim, bias=False)
+        nn.init.zeros_(self.evidence_map.weight)
+        # 1 / RMS of one pair's difference (set from the training data by ``set_evidence_scale``), so
+        # the map's inputs are O(1) and its learning rate means the same on any backbone.
+        self.register_buffer("evidence_scale", torch.ones(()))
+        self.preference_head = None
+
+    def set_evidence_scale(self, single_pair_diffs: torch.Tensor) -> None:
+        """Normalise the evidence by the RMS of single-pair differences ``[N, evidence_dim]``."""
+        rms = single_pair_diffs.float().pow(2).mean().sqrt()
+        if not torch.isfinite(rms) or rms <= 0:
+            raise ValueError(f"cannot scale the evidence: the pair differences have RMS {float(rms)} "
+                             "(are all preferred and rejected images identical?)")
+        self.evidence_scale.fill_(float(1.0 / rms))
+
+    def _evidence_forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.to(self.dtype).unsqueeze(-1)
+        diff = features[..., -self.config.evidence_dim:].to(self.dtype)
+        evidence = (diff * weights).sum(1) / weights.sum(1) * self.evidence_scale  # (B, E)
+        tokens = self.evidence_tokens + self.evidence_map(evidence).view(-1, *self.evidence_tokens.shape)
+        return nn.functional.layer_norm(tokens, tokens.shape[-1:])
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
                 return_unscaled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``.
@@ -123,6 +165,10 @@ class UserEncoder(ModelMixin, ConfigMixin):
         if not bool(mask.any(1).all()):  # this is a CPU-GPU sync point, but an empty user would give NaNs
             empty = (~mask.any(1)).nonzero().flatten().tolist()
             raise ValueError(f"every user needs at least one real example; rows {empty} are all padding")
+        if self.config.evidence_dim > 0:
+            if return_unscaled:
+                raise ValueError("the evidence encoder has no preference head (return_unscaled)")
+            return self._evidence_forward(features, mask)
         padding = ~mask
         h = self.embed(features.to(self.dtype))  # (B, k, hidden)
         for block in self.blocks:

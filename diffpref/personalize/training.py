@@ -73,6 +73,7 @@ class PPDConditioner:
                                                 lambda i: cache.prompt_cond(i)["prompt_embeds"], cfg.ppd_anchors)
             directions = backbone.embed_texts(words).float().cpu()
         del backbone  # frozen and fully cached: training never runs it
+        evidence = cfg.ppd_encoder == "evidence"
         encoder = UserEncoder(feature_dim=bank.feature_dim, num_tokens=cfg.ppd_num_tokens,
                               token_dim=int(unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
                               layers=cfg.ppd_layers, heads=cfg.ppd_heads,
@@ -80,7 +81,11 @@ class PPDConditioner:
                               preference_dim=bank.text.shape[1] if cfg.ppd_preference_weight > 0 or anchors is not None else 0,
                               num_anchors=0 if anchors is None else len(anchors),
                               anchor_evidence=anchors is not None and cfg.ppd_anchor_evidence,
-                              free_anchors=cfg.ppd_free_anchors if anchors is not None else 0).to(accelerator.device)
+                              free_anchors=cfg.ppd_free_anchors if anchors is not None else 0,
+                              evidence_dim=bank.text.shape[1] if evidence else 0).to(accelerator.device)
+        if evidence:
+            every_pair = bank.features(torch.arange(len(bank.label)))
+            encoder.set_evidence_scale(every_pair[:, -bank.text.shape[1]:])
         if anchors is not None:
             encoder.set_anchors(anchors, words, directions)
         if cfg.ppd_user_table:

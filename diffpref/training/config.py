@@ -75,6 +75,7 @@ class TrainConfig:
     ppd_layers: int = field(default=2, metadata={"help": "PPD: set-transformer layers of the head"})
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
     ppd_preference_weight: float = field(default=0.0, metadata={"help": "PPD: weight of the auxiliary loss that trains the encoder to predict the trained pair's choice from the user tokens (0 = off, plain DPO as in the paper)"})
+    ppd_encoder: str = field(default="set", metadata={"help": "PPD: 'set' (set-transformer head over the examples' backbone features) or 'evidence' (tokens = shared tokens + one learned linear map of the mean preferred-minus-rejected image embedding: the plain few-shot estimate of a linear taste, trained by every user's pairs)"})
     ppd_user_table: bool = field(default=False, metadata={"help": "PPD: the UNet trains on one learned token set per training user (DPO finds each user's tokens directly) while the encoder learns to predict those tokens from few-shot context; only the encoder ships"})
     ppd_table_rank: int = field(default=0, metadata={"help": "PPD with ppd_user_table: > 0 makes each user a point in a learned taste space of this many dimensions (tokens = shared + coordinates @ basis); 0 = a free token set per user. Few numbers per user learn from few pairs, and the encoder has a simpler map to learn"})
     ppd_encoder_fit_steps: int = field(default=0, metadata={"help": "PPD with ppd_user_table: after DPO, this many steps fitting the encoder to the final (fixed) table tokens on the cached context; the joint regression chases a moving target and under-fits"})
@@ -106,6 +107,11 @@ class TrainConfig:
             self.beta = DEFAULT_BETA[self.method]
         if self.method == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
             raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
+        _choice("ppd_encoder", self.ppd_encoder, ("set", "evidence"))
+        if self.ppd_encoder == "evidence" and (self.ppd_anchors or self.ppd_user_table or self.ppd_preference_weight):
+            raise ValueError("ppd_encoder: evidence is its own token model: it takes no ppd_anchors, ppd_user_table or "
+                             f"ppd_preference_weight (got {self.ppd_anchors}, {self.ppd_user_table}, "
+                             f"{self.ppd_preference_weight}); set them to 0/false or use ppd_encoder: set")
         if self.ppd_anchors < 0:
             raise ValueError(f"ppd_anchors={self.ppd_anchors} must be >= 0 (0 = free user tokens)")
         if self.ppd_free_anchors < 0 or (self.ppd_free_anchors > 0 and self.ppd_anchors == 0):
