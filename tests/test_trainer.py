@@ -167,6 +167,28 @@ def test_tiny_sdxl_dpo_step_runs(tmp_path, manifest):
     assert summary["steps"] == 2 and np.isfinite(summary["final"]["loss"])
 
 
+def test_timestep_range_limits_the_training_timesteps(tmp_path, tiny_sd15_dir, manifest, monkeypatch):
+    from diffpref.training import randomness
+
+    drawn = []
+    original = randomness.per_sample_timesteps
+
+    def recording(generators, high, low=0):
+        t = original(generators, high, low)
+        drawn.append(t)
+        return t
+
+    monkeypatch.setattr(randomness, "per_sample_timesteps", recording)
+    train(_cfg(tmp_path / "a", tiny_sd15_dir, manifest, method="sft", timestep_min=900, timestep_max=950,
+               checkpointing_steps=0))
+    t = torch.cat(drawn)
+    assert len(t) > 0 and int(t.min()) >= 900 and int(t.max()) < 950
+    with pytest.raises(ValueError, match="timesteps \\[0, 5000\\) do not fit"):
+        train(_cfg(tmp_path / "b", tiny_sd15_dir, manifest, method="sft", timestep_max=5000))
+    with pytest.raises(ValueError, match="timestep_min"):
+        _cfg(tmp_path / "c", tiny_sd15_dir, manifest, timestep_min=500, timestep_max=500)
+
+
 def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
     with pytest.raises(ConfigError, match="valid keys are:.*learning_rate"):
         load_config(TrainConfig, None, [f"data_path={manifest}", "learnin_rate=1"])

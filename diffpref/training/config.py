@@ -36,6 +36,8 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (GPU); LoRA params stay fp32"})
     attention: str = field(default="sdpa", metadata={"help": "sdpa (default) | xformers (CUDA + xformers only)"})
     resume_from: str | None = field(default=None, metadata={"help": "a checkpoint folder, or 'latest' in output_dir"})
+    timestep_min: int = field(default=0, metadata={"help": "training timesteps are drawn uniformly from [timestep_min, timestep_max) (the papers: all of them)"})
+    timestep_max: int | None = field(default=None, metadata={"help": "upper end (exclusive) of the training timesteps (default: the scheduler's num_train_timesteps)"})
     seed: int = field(default=0, metadata={"help": "seed of data order, noise and timesteps"})
     tie_policy: str = field(default="drop", metadata={"help": "drop | soft: what ties in the data become"})
     resolution: int | None = field(default=None, metadata={"help": "training resolution (default: the model's native one)"})
@@ -99,6 +101,8 @@ class TrainConfig:
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.timestep_min < 0 or (self.timestep_max is not None and self.timestep_max <= self.timestep_min):
+            raise ValueError(f"need 0 <= timestep_min ({self.timestep_min}) < timestep_max ({self.timestep_max})")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune)")
         if not 0.0 <= self.prompt_dropout < 1.0:

@@ -52,8 +52,9 @@ def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...]) 
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
-def per_sample_timesteps(generators: list[torch.Generator], num_train_timesteps: int) -> torch.Tensor:
-    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
+def per_sample_timesteps(generators: list[torch.Generator], num_train_timesteps: int, low: int = 0) -> torch.Tensor:
+    """One timestep per sample, uniform in ``[low, num_train_timesteps)``."""
+    return torch.cat([torch.randint(low, num_train_timesteps, (1,), generator=g) for g in generators])
 
 
 def per_sample_uniform(generators: list[torch.Generator]) -> torch.Tensor:

@@ -197,6 +197,11 @@ def train(cfg: TrainConfig) -> dict:
     unet, pipeline_class, tokenizer = pipe.unet, type(pipe), pipe.tokenizer
     schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.clone(), pipe.scheduler.config.get("prediction_type", "epsilon"))
     num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
+    timestep_high = num_train_timesteps if cfg.timestep_max is None else cfg.timestep_max
+    if timestep_high > num_train_timesteps or cfg.timestep_min >= timestep_high:
+        raise ValueError(f"timesteps [{cfg.timestep_min}, {timestep_high}) do not fit the scheduler's "
+                         f"{num_train_timesteps} training timesteps: need 0 <= timestep_min < timestep_max <= "
+                         f"{num_train_timesteps}")
     del pipe
 
     # 2. Trainable weights: LoRA adapters (reference = adapters off) or the full UNet (reference = frozen copy).
@@ -291,7 +296,7 @@ def train(cfg: TrainConfig) -> dict:
             indices = randomness.global_batch_indices(micro_step, len(cache), global_batch, cfg.seed)[local]
             positions = range(local.start, local.stop)
             gens = randomness.sample_generators(micro_step, positions, cfg.seed)
-            t = randomness.per_sample_timesteps(gens, num_train_timesteps)
+            t = randomness.per_sample_timesteps(gens, timestep_high, cfg.timestep_min)
             drop = randomness.per_sample_uniform(gens) < cfg.prompt_dropout
             items = [cache[int(i)] for i in indices]
             latent_shape = tuple((items[0].get("latents_0", items[0].get("latents"))).shape)
