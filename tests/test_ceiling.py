@@ -61,3 +61,35 @@ def test_ceiling_win_rate_counts_wins_and_ties():
     assert ceiling_win_rate(user, prompts, base) == pytest.approx((0 + 1 + 0.5 + 0.5) / 4)
     with pytest.raises(ValueError, match="prompts"):
         ceiling_win_rate(user, prompts[:2], base)
+
+
+def test_few_shot_ceiling_against_a_direct_computation():
+    from diffpref.world.ceiling import few_shot_ceiling_win_rate
+    from diffpref.world.evaluate import win_rate
+
+    rng = np.random.default_rng(3)
+    prompts = [sample_prompt(rng) for _ in range(30)]
+    base = np.zeros((30, len(FEATURE_KEYS)))
+    for i in range(30):  # base images: a random shape, colour and background each
+        for family, values in (("shape", SHAPES), ("color", COLORS), ("background", BACKGROUNDS)):
+            named = parse_caption(prompts[i]).get(family) or values[rng.integers(len(values))]
+            base[i, FEATURE_KEYS.index(f"{family}:{named}")] = 1.0
+    user = WorldUser("red", {"color:red": 1.0})
+    red = np.zeros(len(FEATURE_KEYS))
+    red[FEATURE_KEYS.index("color:red")] = 1.0
+    # Choices that all say "red wins": the estimate is the user's own taste, so the full ceiling.
+    clear = np.tile(red, (6, 1))
+    assert few_shot_ceiling_win_rate(user, prompts, base, clear, shots=2) == ceiling_win_rate(user, prompts, base)
+    # Choices that say "red loses": the estimate avoids red; its best images are orange where the
+    # prompt leaves the colour open (the first of the colours tied at weight 0).
+    opposite = -clear
+    guess = np.stack([best_attainable_features(WorldUser("g", {"color:red": -1.0}), p) for p in prompts])
+    assert all(guess[i, FEATURE_KEYS.index("color:orange")] == 1.0 for i, p in enumerate(prompts)
+               if "color" not in parse_caption(p))
+    expected = win_rate(oracle_reward(user, guess), oracle_reward(user, base))
+    assert few_shot_ceiling_win_rate(user, prompts, base, opposite, shots=3) == pytest.approx(expected)
+    assert expected < ceiling_win_rate(user, prompts, base)
+    with pytest.raises(ValueError, match="shots=7"):
+        few_shot_ceiling_win_rate(user, prompts, base, clear, shots=7)
+    with pytest.raises(ValueError, match="winner_minus_loser"):
+        few_shot_ceiling_win_rate(user, prompts, base, clear[:, :3], shots=1)

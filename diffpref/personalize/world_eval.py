@@ -19,7 +19,7 @@ import torch
 
 from diffpref.personalize.backbones import UserExample
 from diffpref.world.captions import sample_prompt
-from diffpref.world.ceiling import ceiling_win_rate
+from diffpref.world.ceiling import ceiling_win_rate, few_shot_ceiling_win_rate
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.evaluate import adherence_of, win_rate
 from diffpref.world.make_data import generate_in_batches
@@ -50,6 +50,14 @@ def draw_pairs(pipe, user: WorldUser, n: int, seed: int, steps: int, guidance_sc
         raise RuntimeError(f"could only draw {len(out)} of {n} decided pairs for user {user.user_id}: the model's "
                            "images almost always tie under this user's oracle (is it a world model?)")
     return out
+
+
+def preference_differences(pairs) -> np.ndarray:
+    """Detected features of each pair's preferred image minus its rejected one, ``[N, F]``."""
+    features = feature_matrix(detect_batch(np.stack([im for _, a, b, _ in pairs for im in (a, b)])))
+    first_won = np.array([label == 1.0 for *_, label in pairs])[:, None]
+    diff = features[0::2] - features[1::2]
+    return np.where(first_won, diff, -diff)
 
 
 def as_examples(pairs) -> list[UserExample]:
@@ -120,6 +128,7 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
     for u, user in enumerate(users):
         pairs = draw_pairs(pipe, user, shots + ranking_pairs, seed, steps, guidance_scale, batch_size, user_salt=u)
         context, held_out = pairs[:shots], pairs[shots:]
+        winner_minus_loser = preference_differences(pairs)
         tokens = pipe.embed_user(as_examples(context))
         tuned = generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guidance_scale, batch_size)
         r_tuned = oracle_reward(user, feature_matrix(detect_batch(tuned)))
@@ -131,6 +140,8 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
             "base_mean_reward": float(np.mean(r_base)), "adherence": adherence,
             "ranking_accuracy": ranking_accuracy(pipe, tokens, held_out, seed=seed + u) if held_out else float("nan"),
             "ceiling_win_rate": ceiling_win_rate(user, prompts, base_features),
+            "few_shot_ceiling_win_rate": few_shot_ceiling_win_rate(user, prompts, base_features, winner_minus_loser,
+                                                                   shots, seed=seed + u),
         }
         if progress:
             print(f"  {user.user_id}: win rate {per_user[user.user_id]['win_rate']:.3f}", flush=True)
@@ -141,6 +152,8 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
         "ranking_accuracy": float(np.nanmean([v["ranking_accuracy"] for v in per_user.values()])),
         # the most any adapter that keeps to the prompts could win here (diffpref.world.ceiling)
         "ceiling_win_rate": float(np.mean([v["ceiling_win_rate"] for v in per_user.values()])),
+        # ... and with only K of the user's choices to know them by (diffpref.world.ceiling)
+        "few_shot_ceiling_win_rate": float(np.mean([v["few_shot_ceiling_win_rate"] for v in per_user.values()])),
         "shots": shots, "n": num_prompts, "per_user": per_user,
     }
 

@@ -43,3 +43,31 @@ def ceiling_win_rate(user: WorldUser, prompts: Sequence[str], base_features: np.
         raise ValueError(f"{len(prompts)} prompts but {len(base_features)} base feature rows")
     best = np.stack([best_attainable_features(user, p) for p in prompts])
     return win_rate(oracle_reward(user, best), oracle_reward(user, base_features))
+
+
+def few_shot_ceiling_win_rate(user: WorldUser, prompts: Sequence[str], base_features: np.ndarray,
+                              winner_minus_loser: np.ndarray, shots: int, trials: int = 20, seed: int = 0) -> float:
+    """What knowing the user only from ``shots`` of their choices allows, with a perfect generator.
+
+    Each trial takes ``shots`` rows of ``winner_minus_loser`` (detected features of the preferred
+    minus the rejected image of the user's decided pairs, ``[N, F]``), estimates the taste as their
+    mean (the plain estimate of linear weights from a few choices, which is also what the
+    ``evidence`` user encoder computes in the backbone's space), and scores the best prompt-faithful
+    image *for that estimate* with the user's true oracle against the base. The mean over trials
+    bounds ``win_rate_vs_base`` at K = ``shots`` for an encoder that uses this estimate; the full
+    ``ceiling_win_rate`` is the limit of many shots.
+    """
+    differences = np.asarray(winner_minus_loser, dtype=np.float64)
+    if differences.ndim != 2 or differences.shape[1] != len(FEATURE_KEYS):
+        raise ValueError(f"winner_minus_loser must be [N, {len(FEATURE_KEYS)}], got {differences.shape}")
+    if not 1 <= shots <= len(differences):
+        raise ValueError(f"shots={shots} must lie in [1, {len(differences)}] (the number of pairs given)")
+    rng = np.random.default_rng(seed)
+    base_reward = oracle_reward(user, base_features)
+    rates = []
+    for _ in range(trials):
+        estimate = differences[rng.choice(len(differences), size=shots, replace=False)].mean(0)
+        guess = WorldUser("estimate", {key: float(v) for key, v in zip(FEATURE_KEYS, estimate) if v != 0.0})
+        best = np.stack([best_attainable_features(guess, p) for p in prompts])
+        rates.append(win_rate(oracle_reward(user, best), base_reward))
+    return float(np.mean(rates))
