@@ -10,14 +10,21 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 run() { local done_marker=$1; shift; [ -e "$done_marker" ] && return 0; "$@"; }
 
-# 1. Data: two users with different tastes for the single-user trainers, 48 users for PPD.
+# 1. Data: two users with different tastes for the single-user trainers; for PPD, a pool of pairs
+#    (generated for 48 users) that 96 other users rate (configs/embedded_ppd.yaml explains why).
 for user in red_large dark_small; do
   run data/world_$user/pairs.parquet diffpref world make-data --out data/world_$user \
       --users-file configs/users/$user.json --pairs-per-user 1000 --seed 0 --steps 15 --batch-size 100 &
 done
 wait
-run data/world_ppd/pairs.parquet diffpref world make-data --out data/world_ppd \
-    --users-file configs/users/ppd_train.json --pairs-per-user 64 --seed 1 --steps 15 --batch-size 100
+run data/world_ppd_p02/pairs.parquet diffpref world make-data --out data/world_ppd_p02 \
+    --users-file configs/users/ppd_train.json --pairs-per-user 64 --seed 1 --steps 15 --batch-size 100 --name-prob 0.2 &
+run data/world_ppd_p02b/pairs.parquet diffpref world make-data --out data/world_ppd_p02b \
+    --users-file configs/users/ppd_train.json --pairs-per-user 192 --seed 3 --steps 15 --batch-size 100 --name-prob 0.2 &
+wait
+run data/world_ppd_pool/pairs.parquet diffpref world relabel \
+    --pool data/world_ppd_p02/pairs.parquet data/world_ppd_p02b/pairs.parquet \
+    --users-file configs/users/ppd_train_pool.json --pairs-per-user 400 --decided-only --seed 5 --out data/world_ppd_pool
 
 # 2. Single-user preference tuning: DPO, InPO, KTO, MaPO on each user (LoRA, shipped defaults).
 for method in dpo inpo kto mapo; do
@@ -28,14 +35,14 @@ for method in dpo inpo kto mapo; do
   wait
 done
 
-# 3. PPD: one model for all 48 training users (configs/users/ppd_train.json, from `diffpref world make-users`).
+# 3. PPD: one model for all 96 training users (configs/users/ppd_train_pool.json, from `diffpref world make-users`).
 run outputs/embedded_ppd/ppd_config.json diffpref train --config configs/embedded_ppd.yaml threads=1 report_to=none
 
 # 4. PPD evaluation: shots curve for unseen users, seen users at K=4, per-user DPO users, interpolation.
 mkdir -p outputs/ppd_eval
 python -c "
 from diffpref.world.users import load_users, save_users
-save_users(load_users('configs/users/ppd_train.json')[:8], 'outputs/ppd_eval/seen_users.json')
+save_users(load_users('configs/users/ppd_train_pool.json')[:8], 'outputs/ppd_eval/seen_users.json')
 save_users(load_users('configs/users/red_large.json') + load_users('configs/users/dark_small.json'), 'outputs/ppd_eval/dpo_users.json')"
 ev() { local name=$1; shift; run outputs/ppd_eval/$name.json sh -c "diffpref world eval --adapter outputs/embedded_ppd --steps 20 --json $* > outputs/ppd_eval/$name.json"; }
 for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots $k --prompts 100; done &

@@ -12,7 +12,8 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     (run / "history.jsonl").write_text(json.dumps({"step": 100, "win_rate_vs_base": 0.6}) + "\n")
     (results / "ppd_eval").mkdir()
     (results / "ppd_eval" / "unseen_k4.json").write_text(json.dumps({
-        "win_rate_vs_base": 0.7, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "ceiling_win_rate": 0.9, "per_user": {}}))
+        "win_rate_vs_base": 0.7, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "ceiling_win_rate": 0.9,
+        "few_shot_ceiling_win_rate": 0.85, "per_user": {}}))
     (results / "ppd_eval" / "seen_k4.json").write_text(json.dumps({  # written before the ceiling was reported
         "win_rate_vs_base": 0.75, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "per_user": {}}))
     (results / "ppd_eval" / "interpolation.json").write_text(json.dumps({
@@ -26,8 +27,8 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| dpo | red_large | 300 | 321.0 | 250.5 | 0.800 | 0.900 | 0.910 |" in text
     assert "| inpo | red_large | missing |" in text
-    assert "| unseen | 4 | 0.700 | 0.900 | 0.900 | 0.600 | 0.900 |" in text and "monotonic: True" in text
-    assert "| seen | 4 | 0.750 | 0.900 | 0.900 | 0.600 | - |" in text
+    assert "| unseen | 4 | 0.700 | 0.900 | 0.900 | 0.600 | 0.900 | 0.850 |" in text and "monotonic: True" in text
+    assert "| seen | 4 | 0.750 | 0.900 | 0.900 | 0.600 | - | - |" in text
     assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text
     for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png", "app_active_vs_random.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000

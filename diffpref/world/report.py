@@ -99,17 +99,19 @@ def _inpo_ratio(curves) -> str:
     return "; ".join(notes)
 
 
-def _ceiling(result: dict) -> str:
-    """The eval's ``ceiling_win_rate`` (diffpref.world.ceiling), or a dash for results written before it existed."""
-    value = result.get("ceiling_win_rate")
+def _ceiling(result: dict, key: str = "ceiling_win_rate") -> str:
+    """The eval's ``ceiling_win_rate`` or ``few_shot_ceiling_win_rate`` (diffpref.world.ceiling), or a dash
+    for results written before it existed."""
+    value = result.get(key)
     return "-" if value is None else f"{value:.3f}"
 
 
 def ppd_section(results: Path, out: Path) -> list[str]:
     ev = results / "ppd_eval"
     lines = ["## PPD: one model, personalized from K of a user's choices", "",
-             "| users | K | win rate vs base | adherence | base adherence | ranking accuracy | attainable ceiling |",
-             "|---|---|---|---|---|---|---|"]
+             "| users | K | win rate vs base | adherence | base adherence | ranking accuracy | attainable ceiling "
+             "| ceiling from K choices |",
+             "|---|---|---|---|---|---|---|---|"]
     series = {}
     for group in ("unseen", "seen"):
         for k in SHOTS:
@@ -117,17 +119,23 @@ def ppd_section(results: Path, out: Path) -> list[str]:
             if r is None:
                 continue
             series.setdefault(group, []).append((k, r["win_rate_vs_base"]))
+            if "few_shot_ceiling_win_rate" in r:
+                series.setdefault(f"{group} ceiling", []).append((k, r["few_shot_ceiling_win_rate"]))
             lines.append(f"| {group} | {k} | {r['win_rate_vs_base']:.3f} | {r['adherence']:.3f} | "
-                         f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} | {_ceiling(r)} |")
+                         f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} | {_ceiling(r)} | "
+                         f"{_ceiling(r, 'few_shot_ceiling_win_rate')} |")
     full = _read(ev / "unseen_k4_full.json")
     if full:
         lines.append(f"| unseen (200 prompts) | 4 | {full['win_rate_vs_base']:.3f} | {full['adherence']:.3f} | "
-                     f"{full['base_adherence']:.3f} | {full['ranking_accuracy']:.3f} | {_ceiling(full)} |")
+                     f"{full['base_adherence']:.3f} | {full['ranking_accuracy']:.3f} | {_ceiling(full)} | "
+                     f"{_ceiling(full, 'few_shot_ceiling_win_rate')} |")
 
     def draw(ax):
         for group, pts in series.items():
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=f"{group} users")
+            # the ceilings dashed: what a perfect generator makes of the mean of K choices
+            ax.plot(xs, ys, marker="o", linestyle="--" if group.endswith("ceiling") else "-",
+                    label=f"{group.replace(' ceiling', '')} users" + (": ceiling from K choices" if group.endswith("ceiling") else ""))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("shots K")
         ax.set_ylabel("oracle win rate vs base")
