@@ -159,3 +159,31 @@ def test_table_probe_reads_the_tokens_training_used(rank):
     torch.testing.assert_close(probe.table_tokens(state), conditioner.table_tokens(torch.arange(5)).detach())
     with pytest.raises(ValueError, match="ppd_user_table"):
         probe.table_tokens({k: v for k, v in state.items() if "user_table" not in k})
+
+
+def test_clip_attribute_probe_finds_the_background_linear_and_reports_every_attribute(tmp_path, capsys):
+    """bench/clip_attribute_probe.py on world renders: the world CLIP sees backgrounds linearly."""
+    import importlib.util
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffpref.world.detector import FEATURE_KEYS
+    from diffpref.world.render import render, sample_attributes
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(240):
+        buffer = io.BytesIO()
+        render(sample_attributes(rng)).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    pq.write_table(pa.table({"jpg_0": blobs}), tmp_path / "pairs.parquet")
+    spec = importlib.util.spec_from_file_location("clip_attribute_probe", ROOT / "bench" / "clip_attribute_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    result = probe.main(["--data", str(tmp_path / "pairs.parquet")])
+    assert json.loads(capsys.readouterr().out) == result
+    assert set(result["r2"]) == set(FEATURE_KEYS) and result["images"] == 240 and result["held_out"] == 60
+    assert min(result["r2"][f"background:{b}"] for b in ("white", "black", "gray", "beige")) > 0.8
