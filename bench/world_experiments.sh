@@ -44,7 +44,8 @@ python -c "
 from diffpref.world.users import load_users, save_users
 save_users(load_users('configs/users/ppd_train_pool.json')[:8], 'outputs/ppd_eval/seen_users.json')
 save_users(load_users('configs/users/red_large.json') + load_users('configs/users/dark_small.json'), 'outputs/ppd_eval/dpo_users.json')"
-ev() { local name=$1; shift; run outputs/ppd_eval/$name.json sh -c "diffpref world eval --adapter outputs/embedded_ppd --steps 20 --json $* > outputs/ppd_eval/$name.json"; }
+# written to .tmp first: an interrupted eval must not leave a file that marks it done
+ev() { local name=$1; shift; run outputs/ppd_eval/$name.json sh -c "diffpref world eval --adapter outputs/embedded_ppd --steps 20 --json $* > outputs/ppd_eval/$name.json.tmp && mv outputs/ppd_eval/$name.json.tmp outputs/ppd_eval/$name.json"; }
 for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots $k --prompts 100; done &
 { ev seen_k4 --users outputs/ppd_eval/seen_users.json --shots 4 --prompts 100
   ev dpo_users_k4 --users outputs/ppd_eval/dpo_users.json --shots 4 --prompts 200
