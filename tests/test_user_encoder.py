@@ -113,9 +113,10 @@ def test_evidence_encoder_matches_an_independent_computation_and_round_trips(tmp
         blind = encoder(features, mask)  # W starts at zero: every user gets the shared tokens
         torch.testing.assert_close(blind[0], blind[1])
         encoder.evidence_map.weight.normal_()
-    diffs = torch.randn(100, FEATURES // 4) * 0.3
-    encoder.set_evidence_scale(diffs)
-    scale = 1.0 / float(diffs.pow(2).mean().sqrt())
+    per_example = torch.randn(100, FEATURES)
+    per_example[:, -FEATURES // 4:] *= 0.3
+    encoder.set_evidence_scale(per_example)
+    scale = 1.0 / float(per_example[:, -FEATURES // 4:].pow(2).mean().sqrt())
     with torch.no_grad():
         got = encoder(features, mask)
     for b, k in enumerate((5, 2)):
@@ -137,7 +138,7 @@ def test_evidence_encoder_refuses_what_it_cannot_read():
         UserEncoder(feature_dim=12, evidence_dim=3, num_anchors=2)
     encoder = UserEncoder(feature_dim=12, evidence_dim=3)
     with pytest.raises(ValueError, match="RMS"):
-        encoder.set_evidence_scale(torch.zeros(4, 3))
+        encoder.set_evidence_scale(torch.zeros(4, 12))
     with pytest.raises(ValueError, match="no preference head"):
         encoder(torch.randn(1, 2, 12), return_unscaled=True)
 

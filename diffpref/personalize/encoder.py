@@ -132,17 +132,21 @@ class UserEncoder(ModelMixin, ConfigMixin):
         self.register_buffer("evidence_scale", torch.ones(()))
         self.preference_head = None
 
-    def set_evidence_scale(self, single_pair_diffs: torch.Tensor) -> None:
-        """Normalise the evidence by the RMS of single-pair differences ``[N, evidence_dim]``."""
-        rms = single_pair_diffs.float().pow(2).mean().sqrt()
+    def set_evidence_scale(self, features: torch.Tensor) -> None:
+        """Normalise the evidence by the RMS of single-pair differences, from per-example ``features [N, F]``."""
+        rms = self._preference_difference(features).float().pow(2).mean().sqrt()
         if not torch.isfinite(rms) or rms <= 0:
             raise ValueError(f"cannot scale the evidence: the pair differences have RMS {float(rms)} "
                              "(are all preferred and rejected images identical?)")
         self.evidence_scale.fill_(float(1.0 / rms))
 
+    def _preference_difference(self, features: torch.Tensor) -> torch.Tensor:
+        """phi(pref) - phi(rej): the last block of the [text, pref, rej, pref - rej] features."""
+        return features[..., -self.config.evidence_dim:]
+
     def _evidence_forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = mask.to(self.dtype).unsqueeze(-1)
-        diff = features[..., -self.config.evidence_dim:].to(self.dtype)
+        diff = self._preference_difference(features).to(self.dtype)
         evidence = (diff * weights).sum(1) / weights.sum(1) * self.evidence_scale  # (B, E)
         tokens = self.evidence_tokens + self.evidence_map(evidence).view(-1, *self.evidence_tokens.shape)
         return nn.functional.layer_norm(tokens, tokens.shape[-1:])

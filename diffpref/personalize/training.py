@@ -84,8 +84,7 @@ class PPDConditioner:
                               free_anchors=cfg.ppd_free_anchors if anchors is not None else 0,
                               evidence_dim=bank.text.shape[1] if evidence else 0).to(accelerator.device)
         if evidence:
-            every_pair = bank.features(torch.arange(len(bank.label)))
-            encoder.set_evidence_scale(every_pair[:, -bank.text.shape[1]:])
+            encoder.set_evidence_scale(bank.features(torch.arange(len(bank.label))))
         if anchors is not None:
             encoder.set_anchors(anchors, words, directions)
         if cfg.ppd_user_table:

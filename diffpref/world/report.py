@@ -118,9 +118,10 @@ def ppd_section(results: Path, out: Path) -> list[str]:
             r = _read(ev / f"{group}_k{k}.json")
             if r is None:
                 continue
-            series.setdefault(group, []).append((k, r["win_rate_vs_base"]))
-            if "few_shot_ceiling_win_rate" in r:
-                series.setdefault(f"{group} ceiling", []).append((k, r["few_shot_ceiling_win_rate"]))
+            series.setdefault((f"{group} users", "-"), []).append((k, r["win_rate_vs_base"]))
+            if "few_shot_ceiling_win_rate" in r:  # dashed: what a perfect generator makes of the mean of K choices
+                series.setdefault((f"{group} users: ceiling from K choices", "--"), []).append(
+                    (k, r["few_shot_ceiling_win_rate"]))
             lines.append(f"| {group} | {k} | {r['win_rate_vs_base']:.3f} | {r['adherence']:.3f} | "
                          f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} | {_ceiling(r)} | "
                          f"{_ceiling(r, 'few_shot_ceiling_win_rate')} |")
@@ -131,11 +132,9 @@ def ppd_section(results: Path, out: Path) -> list[str]:
                      f"{_ceiling(full, 'few_shot_ceiling_win_rate')} |")
 
     def draw(ax):
-        for group, pts in series.items():
+        for (label, linestyle), pts in series.items():
             xs, ys = zip(*pts)
-            # the ceilings dashed: what a perfect generator makes of the mean of K choices
-            ax.plot(xs, ys, marker="o", linestyle="--" if group.endswith("ceiling") else "-",
-                    label=f"{group.replace(' ceiling', '')} users" + (": ceiling from K choices" if group.endswith("ceiling") else ""))
+            ax.plot(xs, ys, marker="o", linestyle=linestyle, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("shots K")
         ax.set_ylabel("oracle win rate vs base")
