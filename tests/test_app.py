@@ -153,6 +153,48 @@ def test_input_validation():
         AppConfig(pair_mode="greedy")
 
 
+def test_active_pairs_come_from_one_prompt_and_are_the_most_informative_across_prompts(tmp_path):
+    """Active mode draws `candidates` images for each of `candidate_prompts` prompts; the pair shown is
+    the one within-prompt pair that differs (BALD is ~0 for near-duplicates), stored with its own prompt."""
+    from types import SimpleNamespace
+
+    from diffpref.app.service import AppConfig, RatingService, from_png
+
+    service = RatingService(AppConfig(db=str(tmp_path / "r.db"), pair_images="render", candidates=3,
+                                      candidate_prompts=4, seed=1),
+                            pipe=SimpleNamespace(set_progress_bar_config=lambda **kw: None), start_worker=False)
+    rng = np.random.default_rng(0)
+    made = {}
+    render = service._candidate_images
+
+    def candidates(*args):
+        made["args"], made["images"] = args, render(*args)[0]
+        return made["images"], ["world-render"] * len(made["images"])
+
+    def embed(images):
+        # near-duplicates everywhere except in one prompt, whose images 0 and 2 lie furthest apart
+        features = rng.normal(0, 1e-4, (len(images), 8))
+        made["group"] = int(rng.integers(4))
+        features[3 * made["group"]:3 * made["group"] + 3, 0] += [-0.3, 0.0, 0.3]
+        return features
+
+    service._candidate_images, service._embed = candidates, embed
+    try:
+        service.login("ann")
+        for _ in range(4):
+            pair = service.store.get_pair("ann", service._make_pair("ann"))
+            _, prompts, seeds, per_prompt = made["args"]
+            assert per_prompt == 3 and len(prompts) == 12 and all(len(set(prompts[g * 3:g * 3 + 3])) == 1 for g in range(4))
+            shown = [np.asarray(from_png(service.store.get_image("ann", pair[k]))) for k in ("image_0", "image_1")]
+            at = sorted(next(j for j, im in enumerate(made["images"]) if np.array_equal(im, s)) for s in shown)
+            assert at == [3 * made["group"], 3 * made["group"] + 2]
+            assert pair["prompt"] == prompts[at[0]]
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match="candidate_prompts"):
+        AppConfig(candidate_prompts=0)
+
+
 # ----------------------------------------------------------------------------- the app end to end
 
 

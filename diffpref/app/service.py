@@ -7,8 +7,9 @@ the UI and the API cannot differ in what one person may see or change.
 - Pairs are made ahead: each person has a small queue of generated, unrated pairs, topped up
   by a background thread after every rating. The queue *is* the store's pending pairs, so it
   survives restarts and ``next_pair`` is a database read (no model call) when the queue is full.
-- A pair is chosen among ``candidates`` images of one prompt by ``pairs.select_pair`` (active
-  learning on CLIP image embeddings, or random).
+- A pair is chosen by ``pairs.select_pair`` (active learning on CLIP image embeddings) among
+  ``candidates`` images of each of ``candidate_prompts`` prompts, both images from one prompt;
+  or it is two images of one random prompt (random mode).
 - The person's tokens come from their most recent decided ratings and are cached per set of
   ratings, so generating again after no new rating costs no encoder pass.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffpref.app.pairs import DEFAULT_PRIOR_STD, PAIR_MODES, fit_posterior, select_pair
+from diffpref.app.pairs import DEFAULT_PRIOR_STD, PAIR_MODES, all_pairs, fit_posterior, select_pair
 from diffpref.app.profile import CLIP_PROBE_PROMPTS, WORLD_PROBE_PROMPTS, clip_profile, world_profile
 from diffpref.app.store import RatingConflictError, RatingStore
 from diffpref.data.ratings_db import CHOICES
@@ -107,6 +108,8 @@ class AppConfig:
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
     queue_size: int = field(default=2, metadata={"help": "unrated pairs kept ready per person"})
     candidates: int = field(default=4, metadata={"help": "candidate images per pair in active mode (pairs among them)"})
+    candidate_prompts: int = field(default=2, metadata={
+        "help": "active mode: prompts with `candidates` images each; the pair is chosen across them (within one prompt)"})
     max_examples: int = field(default=16, metadata={"help": "most recent decided ratings that make the person's tokens"})
     profile_seeds: int = field(default=8, metadata={"help": "seeds per probe prompt in the profile"})
     prior_std: float = field(default=DEFAULT_PRIOR_STD, metadata={"help": "prior std of the active-learning weights"})
@@ -124,6 +127,8 @@ class AppConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.candidates < 2:
             raise ValueError(f"candidates={self.candidates} must be >= 2 (a pair is chosen among them)")
+        if self.candidate_prompts < 1:
+            raise ValueError(f"candidate_prompts={self.candidate_prompts} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
 
@@ -241,40 +246,51 @@ class RatingService:
                 return sample_prompt(self._rng)
             return GENERIC_PROMPTS[int(self._rng.integers(len(GENERIC_PROMPTS)))]
 
-    def _candidate_images(self, user_id: str, prompt: str, seeds: list[int]) -> tuple[list[np.ndarray], list[str]]:
+    def _candidate_images(self, user_id: str, prompts: list[str], seeds: list[int],
+                          per_prompt: int) -> tuple[list[np.ndarray], list[str]]:
+        """One image per (prompt, seed); ``prompts`` comes in runs of ``per_prompt`` equal prompts."""
         if self.config.pair_images == "render":
             from diffpref.world.captions import parse_caption
             from diffpref.world.render import render, sample_attributes
 
-            named = parse_caption(prompt)
-            return ([np.asarray(render(sample_attributes(np.random.default_rng(s), **named))) for s in seeds],
-                    ["world-render"] * len(seeds))
-        # Once the person has a model, half the candidates come from it: pairs then also compare
-        # base and personalized images, and refine the taste rather than only the base's range.
+            return ([np.asarray(render(sample_attributes(np.random.default_rng(s), **parse_caption(p))))
+                     for p, s in zip(prompts, seeds)], ["world-render"] * len(seeds))
+        # Once the person has a model, half of each prompt's candidates come from it: pairs then also
+        # compare base and personalized images, and refine the taste rather than only the base's range.
         # One batched call per scale (a batch of 4 costs about two single images on CPU).
         tokens = self.user_tokens(user_id)
-        half = len(seeds) // 2 if tokens is not None else 0
-        images = self._generate([prompt] * (len(seeds) - half), seeds[:len(seeds) - half], None, 0.0)
-        if half:
-            images += self._generate([prompt] * half, seeds[len(seeds) - half:], tokens, 1.0)
-        models = [self.model_name] * (len(seeds) - half) + [f"{self.model_name}+ppd@1.00"] * half
+        personal = [tokens is not None and k % per_prompt >= per_prompt - per_prompt // 2 for k in range(len(seeds))]
+        base_at = [k for k, p in enumerate(personal) if not p]
+        personal_at = [k for k, p in enumerate(personal) if p]
+        images: list = [None] * len(seeds)
+        for at, user, scale in ((base_at, None, 0.0), (personal_at, tokens, 1.0)):
+            if at:
+                for k, image in zip(at, self._generate([prompts[k] for k in at], [seeds[k] for k in at], user, scale)):
+                    images[k] = image
+        models = [f"{self.model_name}+ppd@1.00" if p else self.model_name for p in personal]
         return images, models
 
     def _make_pair(self, user_id: str) -> str:
-        prompt = self._sample_prompt()
-        count = self.config.candidates if self.config.pair_mode == "active" else 2
+        active = self.config.pair_mode == "active"
+        # Active mode looks at several prompts: a prompt that names what the person cares about gives
+        # candidates that all look alike to them, and BALD then prefers another prompt's pair.
+        groups = self.config.candidate_prompts if active else 1
+        per_prompt = self.config.candidates if active else 2
+        prompts = [p for p in (self._sample_prompt() for _ in range(groups)) for _ in range(per_prompt)]
         with self._state_lock:
-            seeds = [int(s) for s in self._rng.integers(0, MAX_SEED, size=count)]
+            seeds = [int(s) for s in self._rng.integers(0, MAX_SEED, size=len(prompts))]
             rng = np.random.default_rng(self._rng.integers(2**63))
-        images, models = self._candidate_images(user_id, prompt, seeds)
-        if self.config.pair_mode == "active":
+        images, models = self._candidate_images(user_id, prompts, seeds, per_prompt)
+        if active:
             features = self._embed(images)
-            choice = select_pair(features, self.posterior(user_id), rng, "active")
+            within_prompt = [(g * per_prompt + i, g * per_prompt + j) for g in range(groups) for i, j in all_pairs(per_prompt)]
+            choice = select_pair(features, self.posterior(user_id), rng, "active", pairs=within_prompt)
             first, second = choice.first, choice.second
         else:
             first, second, features = 0, 1, None
         if rng.random() < 0.5:  # which image is shown on the left says nothing about the selection
             first, second = second, first
+        prompt = prompts[first]
         ids = [self.store.add_image(user_id, prompt, to_png(images[k]), models[k], seeds[k]) for k in (first, second)]
         if features is not None:
             self._remember_features(ids, features[[first, second]])

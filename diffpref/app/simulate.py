@@ -42,7 +42,7 @@ def first_reaching(curve: Sequence[float], target: float) -> int | None:
 
 def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequence[str] = PAIR_MODES,
                     num_prompts: int = 32, seed: int = 0, adapter: str = "embedded-ppd", candidates: int = 4,
-                    steps: int = 15, db_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+                    steps: int = 15, candidate_prompts: int = 2, db_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Win rate against the base after 1..``ratings`` ratings, per pair mode (mean over users)."""
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
@@ -63,6 +63,7 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
         for mode in modes:
             # queue_size 1 and no background worker: every pair is chosen knowing every earlier answer.
             config = AppConfig(db=str(Path(tmp) / f"{mode}.db"), pair_mode=mode, queue_size=1, candidates=candidates,
+                               candidate_prompts=candidate_prompts,
                                steps=steps, adapter=adapter, seed=seed)
             service = RatingService(config, pipe=pipe, start_worker=False)
             try:
@@ -88,7 +89,8 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
             finally:
                 service.close()
     result: dict[str, Any] = {"ratings": list(range(1, ratings + 1)), "users": [u.user_id for u in users],
-                              "prompts": num_prompts, "steps": steps, "candidates": candidates, "per_user": curves}
+                              "prompts": num_prompts, "steps": steps, "candidates": candidates,
+                              "candidate_prompts": candidate_prompts, "per_user": curves}
     for mode, per_user in curves.items():
         result[mode] = np.mean(list(per_user.values()), axis=0).round(4).tolist()
     if {"active", "random"} <= set(curves) and ratings >= 8:
@@ -106,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=32, help="evaluation captions per point of the curve")
     parser.add_argument("--adapter", default="embedded-ppd")
     parser.add_argument("--candidates", type=int, default=4, help="candidate images per pair in active mode")
+    parser.add_argument("--candidate-prompts", type=int, default=2,
+                        help="active mode: prompts with --candidates images each (the pair is chosen across them)")
     parser.add_argument("--steps", type=int, default=15, help="sampling steps of pairs and evaluation images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
     result = simulate_raters(load_users(args.users), args.ratings, [m for m in args.modes.split(",") if m],
-                             args.prompts, args.seed, args.adapter, args.candidates, args.steps)
+                             args.prompts, args.seed, args.adapter, args.candidates, args.steps,
+                             args.candidate_prompts)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
