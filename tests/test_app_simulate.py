@@ -33,5 +33,7 @@ def test_simulated_raters_drive_the_service_in_both_modes(tmp_path):
     for mode in ("active", "random"):
         assert set(result["per_user"][mode]) == {"r", "d"}
         assert len(result[mode]) == 2 and all(0.0 <= v <= 1.0 for v in result[mode])
+        first, second = result[f"{mode}_decided"]
+        assert 0 <= first <= 1 and first <= second <= first + 1  # cumulative count of non-tie answers
     with pytest.raises(ValueError, match="pair modes"):
         simulate_raters(users, modes=["clever"])

@@ -59,6 +59,7 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
     prompts, seeds = eval_prompts(num_prompts, seed + 1)
     base = feature_matrix(detect_batch(generate_world_images(pipe, prompts, seeds, steps, None, 64, False, "base")))
     curves: dict[str, dict[str, list[float]]] = {}
+    decided: dict[str, dict[str, list[int]]] = {}  # cumulative non-tie answers: the ratings that taught something
     with tempfile.TemporaryDirectory(dir=db_dir) as tmp:
         for mode in modes:
             # queue_size 1 and no background worker: every pair is chosen knowing every earlier answer.
@@ -67,15 +68,16 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
                                steps=steps, adapter=adapter, seed=seed)
             service = RatingService(config, pipe=pipe, start_worker=False)
             try:
-                curves[mode] = {}
+                curves[mode], decided[mode] = {}, {}
                 bar = tqdm(total=len(users) * ratings, desc=f"raters ({mode})", disable=not progress, dynamic_ncols=True)
                 for user in users:
                     service.login(user.user_id)
-                    curve = []
+                    curve, answered = [], []
                     for _ in range(ratings):
                         pair = service.next_pair(user.user_id)
                         choice = oracle_choice(user, np.asarray(pair["left"]), np.asarray(pair["right"]))
                         service.rate(user.user_id, pair["pair_id"], choice)
+                        answered.append((answered[-1] if answered else 0) + (choice != "tie"))
                         tokens = service.user_tokens(user.user_id)
                         if tokens is None:  # only ties so far: the person still sees the base model
                             curve.append(0.5)
@@ -85,6 +87,7 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
                                                   oracle_reward(user, base)))
                         bar.update(1)
                     curves[mode][user.user_id] = curve
+                    decided[mode][user.user_id] = answered
                 bar.close()
             finally:
                 service.close()
@@ -93,6 +96,7 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
                               "candidate_prompts": candidate_prompts, "per_user": curves}
     for mode, per_user in curves.items():
         result[mode] = np.mean(list(per_user.values()), axis=0).round(4).tolist()
+        result[f"{mode}_decided"] = np.mean(list(decided[mode].values()), axis=0).round(3).tolist()
     if {"active", "random"} <= set(curves) and ratings >= 8:
         target = result["random"][7]
         result["random_at_8"] = target

@@ -187,10 +187,14 @@ def app_section(results: Path, out: Path) -> list[str]:
     lines = ["## The app: win rate after n ratings, active vs random pairs", "",
              f"{len(sim['users'])} simulated raters answer the rating service's pairs by their oracle; after each "
              f"rating their current tokens personalize {sim['prompts']} evaluation captions "
-             f"({sim['steps']} sampling steps, {sim['candidates']} candidates per active pair).", "",
+             f"({sim['steps']} sampling steps; an active pair is the most informative of {sim['candidates']} "
+             f"candidates for each of {sim.get('candidate_prompts', 1)} prompts).", "",
              "| ratings | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     for i, n in enumerate(sim["ratings"]):
         lines.append(f"| {n} | " + " | ".join(f"{sim[m][i]:.3f}" for m in modes) + " |")
+    if all(f"{m}_decided" in sim for m in modes):
+        lines += ["", "Answers that were not ties (a tie teaches the encoder nothing), mean per rater after "
+                      f"{len(sim['ratings'])} ratings: " + ", ".join(f"{m} {sim[f'{m}_decided'][-1]:.1f}" for m in modes) + "."]
     if "random_at_8" in sim:
         reached = sim["active_reaches_random_at_8_after"]
         lines += ["", f"Random pairs reach {sim['random_at_8']:.3f} after 8 ratings; active pairs reach it after "
