@@ -2,7 +2,6 @@
 
 import json
 import os
-import threading
 import time
 
 import numpy as np
@@ -252,9 +251,8 @@ def _client(url, **kw):
     return Client(url, verbose=False, **kw)
 
 
-def test_app_starts_quickly_and_lists_the_api(app):
-    service, url, seconds = app
-    assert seconds < 30
+def test_app_starts_and_lists_the_api(app):
+    service, url, seconds = app  # start time and pair latency targets: bench/app.py
     api = _client(url).view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/next_pair", "/rate", "/generate", "/profile"} <= set(api)
     assert not any(name.startswith("/ui_") for name in api)  # UI handlers are private
@@ -283,7 +281,7 @@ def test_rate_then_profile_then_generate(app):
     again = client.predict("alice", pair["pair_id"], "left", api_name="/rate")  # a retry changes nothing
     assert not again["created"] and again["rating_id"] == rated["rating_id"]
     assert service.store.count_ratings("alice") == 1
-    assert nxt["pair_id"] != pair["pair_id"] and latency < 1.0
+    assert nxt["pair_id"] != pair["pair_id"]
 
     profile = client.predict("alice", api_name="/profile")
     assert profile["method"] == "world-attributes" and profile["decided"] == 1 and len(profile["attributes"]) == 8
@@ -363,36 +361,15 @@ def test_auth_mode_takes_the_user_from_the_login(tmp_path, tiny_sd15_dir, adapte
 @pytest.mark.slow
 def test_twenty_clients_rating_concurrently_lose_and_duplicate_nothing(tmp_path, tiny_sd15_dir, adapter_dir, app):
     """20 clients x 50 ratings through the API: exactly 1000 ratings, each pair rated once."""
+    from diffpref.app.client_load import check_ratings, rate_concurrently
+
     service, demo, url, _ = _start(tmp_path, tiny_sd15_dir, adapter_dir, pipe=app[0].pipe, pair_images="render",
                                    pair_mode="random")
-    clients, per_client, errors = 20, 50, []
-
-    def person(k: int) -> None:
-        try:
-            client = _client(url)
-            user = f"load{k:02d}"
-            for i in range(per_client):
-                pair = client.predict(user, api_name="/next_pair")
-                client.predict(user, pair["pair_id"], ("left", "right", "tie", "skip")[i % 4], api_name="/rate")
-        except Exception as exc:  # collected: a thread's exception would otherwise vanish
-            errors.append(repr(exc))
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=person, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    print(f"\n{clients * per_client} ratings from {clients} concurrent clients in {elapsed:.1f} s")
     try:
-        assert not errors, errors[:3]
-        store = service.store
-        assert store.count_ratings() == clients * per_client
-        for k in range(clients):
-            rated = store.ratings_for(f"load{k:02d}")
-            assert len(rated) == per_client and len({r["pair_id"] for r in rated}) == per_client
-            assert [r["choice"] for r in rated] == [("left", "right", "tie", "skip")[i % 4] for i in range(per_client)]
+        run = rate_concurrently(url, clients=20, per_client=50)
+        print(f"\n1000 ratings from 20 concurrent clients in {run['seconds']:.1f} s")
+        assert run["error_count"] == 0, run["errors"]
+        assert check_ratings(service.store, 20, 50) == {"stored": 1000, "expected": 1000, "people_with_wrong_ratings": []}
     finally:
         demo.close()
         service.close()

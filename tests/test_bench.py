@@ -54,6 +54,16 @@ def test_generate_bench_reports_throughput_overhead_and_embedding_time():
     assert len(result["base_batch_s"]) == len(result["personalized_batch_s"]) == 5
 
 
+@pytest.mark.slow  # starts the embedded app twice
+def test_app_bench_reports_start_latency_and_a_lossless_load_run():
+    result = run_bench("app.py", "--ratings", "2", "--think", "0.5", "--clients", "3", "--per-client", "4")
+    assert result["start_s"] > 0 and result["rating_to_next_pair_ms"]["n"] == 2
+    assert 0 < result["rating_to_next_pair_ms"]["median"] <= result["rating_to_next_pair_ms"]["max"]
+    load = result["load"]
+    assert (load["stored"], load["expected"], load["error_count"]) == (12, 12, 0)
+    assert load["people_with_wrong_ratings"] == [] and load["ratings_per_s"] > 0
+
+
 @pytest.mark.slow  # ~25 s on an idle CPU: three processes (timing, and one memory child per variant)
 def test_train_step_bench_runs_ppd():
     result = run_bench("train_step.py", "--device", "cpu", "--method", "ppd", "--batch-pairs", "1", "--repeats", "5",
