@@ -381,4 +381,8 @@ def test_cli_app_parser_and_entry_point():
     args = build_parser().parse_args(["app", "--db", "x.db", "--pair-mode", "random", "--port", "7999"])
     assert args.db == "x.db" and args.pair_mode == "random" and args.port == 7999 and args.host == "127.0.0.1"
     assert args.model == "embedded" and args.adapter == "embedded-ppd" and args.auth is None
+    from diffpref.app.server import config_from_args
+
+    config = config_from_args(build_parser().parse_args(["app", "--pair-steps", "9", "--candidate-prompts", "3"]))
+    assert (config.pair_steps, config.candidates, config.candidate_prompts, config.pair_mode) == (9, 4, 3, "active")
     assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "apps", "app.py"))

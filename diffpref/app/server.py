@@ -365,7 +365,8 @@ def launch_app(service: RatingService, host: str = "127.0.0.1", port: int | None
 # ----------------------------------------------------------------------------- command line
 def config_from_args(args: argparse.Namespace) -> AppConfig:
     return AppConfig(model=args.model, adapter=args.adapter, db=args.db, pair_mode=args.pair_mode,
-                     pair_images=args.pair_images, steps=args.steps, device=args.device)
+                     pair_images=args.pair_images, steps=args.steps, device=args.device,
+                     pair_steps=args.pair_steps, candidates=args.candidates, candidate_prompts=args.candidate_prompts)
 
 
 def run(args: argparse.Namespace) -> int:

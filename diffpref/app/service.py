@@ -105,6 +105,9 @@ class AppConfig:
     profile: str = field(default="auto", metadata={"help": f"profile probe {PROFILE_METHODS}; auto: world for the embedded model"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     steps: int | None = field(default=None, metadata={"help": "sampling steps (default 25 embedded, 30 otherwise)"})
+    pair_steps: int | None = field(default=None, metadata={
+        "help": "sampling steps of the rating pairs' candidates (default 15 embedded, else `steps`): a pair must be "
+                "made faster than a person rates"})
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
     queue_size: int = field(default=2, metadata={"help": "unrated pairs kept ready per person"})
     candidates: int = field(default=4, metadata={"help": "candidate images per pair in active mode (pairs among them)"})
@@ -129,8 +132,9 @@ class AppConfig:
             raise ValueError(f"candidates={self.candidates} must be >= 2 (a pair is chosen among them)")
         if self.candidate_prompts < 1:
             raise ValueError(f"candidate_prompts={self.candidate_prompts} must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
+        for name in ("steps", "pair_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
     @property
     def is_world(self) -> bool:
@@ -153,6 +157,9 @@ class RatingService:
         self.pipe = pipe
         self.store = store if store is not None else RatingStore(config.db)
         self.steps = config.steps or (25 if config.is_world else 30)
+        # A pair costs candidates x candidate_prompts images: at 25 steps on 2 CPU cores that is slower
+        # than a person rates, and the queue runs dry. The world model's images are as faithful at 15.
+        self.pair_steps = config.pair_steps or (min(15, self.steps) if config.is_world else self.steps)
         self.world = config.is_world if config.profile == "auto" else config.profile == "world"
         self.model_name = str(config.model)[:120]
         # The pipeline's attention processors hold the user scale: one generation at a time.
@@ -265,7 +272,8 @@ class RatingService:
         images: list = [None] * len(seeds)
         for at, user, scale in ((base_at, None, 0.0), (personal_at, tokens, 1.0)):
             if at:
-                for k, image in zip(at, self._generate([prompts[k] for k in at], [seeds[k] for k in at], user, scale)):
+                made = self._generate([prompts[k] for k in at], [seeds[k] for k in at], user, scale, self.pair_steps)
+                for k, image in zip(at, made):
                     images[k] = image
         models = [f"{self.model_name}+ppd@1.00" if p else self.model_name for p in personal]
         return images, models
@@ -356,12 +364,12 @@ class RatingService:
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list[str], seeds: list[int], tokens: torch.Tensor | None,
-                  scale: float) -> list[np.ndarray]:
+                  scale: float, steps: int | None = None) -> list[np.ndarray]:
         from diffpref.generate import generate_images
 
         kwargs = {"user_embedding": tokens, "user_scale": scale} if tokens is not None and scale > 0 else {}
         with self._model_lock:
-            return list(generate_images(self.pipe, prompts, seeds, steps=self.steps,
+            return list(generate_images(self.pipe, prompts, seeds, steps=steps or self.steps,
                                         guidance_scale=self.config.guidance_scale, **kwargs))
 
     def _base_image(self, prompt: str, seed: int) -> Image.Image:
