@@ -53,9 +53,6 @@ for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots
       --users configs/users/opposites.json --out outputs/ppd_eval/interpolation.json; } &
 wait
 
-# 5. The app: simulated raters (6 of the unseen users) answer the rating service's pairs, active vs random.
-python -c "
-from diffpref.world.users import load_users, save_users
-save_users(load_users('configs/users/ppd_unseen.json')[:6], 'outputs/app_rater_users.json')"
-run outputs/app_raters.json python -m diffpref.app.simulate --users outputs/app_rater_users.json --ratings 10 \
-    --prompts 24 --out outputs/app_raters.json > /dev/null
+# 5. The app: the 12 unseen users as simulated raters answer the rating service's pairs, active vs random.
+run outputs/app_raters.json python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 \
+    --prompts 32 --candidate-prompts 2 --out outputs/app_raters.json > /dev/null

@@ -37,3 +37,17 @@ def test_simulated_raters_drive_the_service_in_both_modes(tmp_path):
         assert 0 <= first <= 1 and first <= second <= first + 1  # cumulative count of non-tie answers
     with pytest.raises(ValueError, match="pair modes"):
         simulate_raters(users, modes=["clever"])
+
+
+def test_compare_modes_resamples_raters():
+    from diffpref.app.simulate import compare_modes
+
+    random = {"a": [0.5] * 10, "b": [0.6] * 10}
+    shifted = compare_modes({u: [v + 0.1 for v in c] for u, c in random.items()}, random)
+    assert shifted["active_minus_random"] == {"mean": 0.1, "ci90": [0.1, 0.1]}  # every rater gains the same
+    assert shifted["raters"] == 2 and shifted["active_at_5_minus_random_at_8"]["mean"] == 0.1
+    mixed = compare_modes({"a": [0.7] * 10, "b": [0.5] * 10}, random)  # +0.2 and -0.1: mean +0.05
+    assert mixed["active_minus_random"]["mean"] == 0.05
+    low, high = mixed["active_minus_random"]["ci90"]
+    assert low == pytest.approx(-0.1) and high == pytest.approx(0.2)  # resampling 2 raters reaches both ends
+    assert "active_at_5_minus_random_at_8" not in compare_modes({"a": [0.5] * 4}, {"a": [0.5] * 4})

@@ -22,7 +22,8 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     (results / "app_raters.json").write_text(json.dumps({
         "ratings": ratings, "users": ["a"], "prompts": 32, "steps": 15, "candidates": 4,
         "active": [0.5 + 0.03 * n for n in ratings], "random": [0.5 + 0.01 * n for n in ratings],
-        "random_at_8": 0.58, "active_reaches_random_at_8_after": 3}))
+        "random_at_8": 0.58, "active_reaches_random_at_8_after": 3,
+        "per_user": {"active": {"a": [0.5 + 0.03 * n for n in ratings]}, "random": {"a": [0.5 + 0.01 * n for n in ratings]}}}))
     assert main(["world", "report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| dpo | red_large | 300 | 321.0 | 250.5 | 0.800 | 0.900 | 0.910 |" in text
@@ -30,5 +31,6 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     assert "| unseen | 4 | 0.700 | 0.900 | 0.900 | 0.600 | 0.900 | 0.850 |" in text and "monotonic: True" in text
     assert "| seen | 4 | 0.750 | 0.900 | 0.900 | 0.600 | - | - |" in text
     assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text
+    assert "Active minus random, per rater over the whole curve: +0.110" in text  # 0.02 x mean(1..10)
     for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png", "app_active_vs_random.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000

@@ -195,10 +195,22 @@ def app_section(results: Path, out: Path) -> list[str]:
     if all(f"{m}_decided" in sim for m in modes):
         lines += ["", "Answers that were not ties (a tie teaches the encoder nothing), mean per rater after "
                       f"{len(sim['ratings'])} ratings: " + ", ".join(f"{m} {sim[f'{m}_decided'][-1]:.1f}" for m in modes) + "."]
+    cmp = None
     if "random_at_8" in sim:
         reached = sim["active_reaches_random_at_8_after"]
         lines += ["", f"Random pairs reach {sim['random_at_8']:.3f} after 8 ratings; active pairs reach it after "
                       f"{reached if reached else 'more than ' + str(len(sim['ratings']))} ratings."]
+        from diffpref.app.simulate import compare_modes
+
+        cmp = sim.get("comparison")
+        if cmp is None and "per_user" in sim:  # written before simulate compared the modes itself
+            cmp = compare_modes(sim["per_user"]["active"], sim["per_user"]["random"])
+    if cmp is not None:
+        diff, at5 = cmp["active_minus_random"], cmp.get("active_at_5_minus_random_at_8")
+        lines += ["", f"Active minus random, per rater over the whole curve: {diff['mean']:+.3f} (90 % bootstrap "
+                      f"interval over the {cmp['raters']} raters: {diff['ci90'][0]:+.3f} to {diff['ci90'][1]:+.3f})."
+                  + (f" Active after 5 ratings minus random after 8: {at5['mean']:+.3f} ({at5['ci90'][0]:+.3f} to "
+                     f"{at5['ci90'][1]:+.3f})." if at5 else "")]
     lines += ["", f"![active vs random]({_plot(out, 'app_active_vs_random.png', draw)})", ""]
     return lines
 
