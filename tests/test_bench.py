@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at their smallest settings, and the generation speed-up they
 measure (user K'/V' projected once per generation, user rows only) changes no output."""
 
+import importlib.util
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,7 +152,6 @@ def test_fixed_user_tokens_notice_new_or_changed_tokens_and_stay_out_of_training
 @pytest.mark.parametrize("rank", [0, 3])
 def test_table_probe_reads_the_tokens_training_used(rank):
     """bench/ppd_table_probe.py rebuilds each user's tokens from a checkpoint as the trainer computes them."""
-    import importlib.util
     from types import SimpleNamespace
 
     from diffpref.personalize.encoder import UserEncoder
@@ -173,7 +174,6 @@ def test_table_probe_reads_the_tokens_training_used(rank):
 
 def test_clip_attribute_probe_finds_the_background_linear_and_reports_every_attribute(tmp_path, capsys):
     """bench/clip_attribute_probe.py on world renders: the world CLIP sees backgrounds linearly."""
-    import importlib.util
     import io
 
     import numpy as np
@@ -197,3 +197,36 @@ def test_clip_attribute_probe_finds_the_background_linear_and_reports_every_attr
     assert json.loads(capsys.readouterr().out) == result
     assert set(result["r2"]) == set(FEATURE_KEYS) and result["images"] == 240 and result["held_out"] == 60
     assert min(result["r2"][f"background:{b}"] for b in ("white", "black", "gray", "beige")) > 0.8
+
+
+def test_attribute_response_examples_differ_only_in_the_probed_attribute():
+    spec = importlib.util.spec_from_file_location("ppd_attribute_response", ROOT / "bench" / "ppd_attribute_response.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    from diffpref.world.detector import FEATURE_KEYS, detect_batch, feature_matrix
+
+    rng = np.random.default_rng(0)
+    for family, value in [("color", "green"), ("background", "black"), ("size", 0.1)]:
+        examples = probe.clean_examples(family, value, 3, rng)
+        good = feature_matrix(detect_batch(np.stack([np.asarray(e.preferred) for e in examples])))
+        bad = feature_matrix(detect_batch(np.stack([np.asarray(e.rejected) for e in examples])))
+        feature = FEATURE_KEYS.index(family if family == "size" else f"{family}:{value}")
+        if family == "size":
+            assert (good[:, feature] < bad[:, feature]).all()
+        else:
+            assert (good[:, feature] == 1).all() and (bad[:, feature] == 0).all()
+        other = [i for i, k in enumerate(FEATURE_KEYS) if not k.startswith(family) and k not in ("size", "centered")]
+        np.testing.assert_allclose(good[:, other], bad[:, other], atol=0.05)  # nothing else differs
+
+
+@pytest.mark.slow
+def test_attribute_response_bench_reports_base_and_tuned():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ppd_attribute_response.py"), "--only", "size",
+                           "--prompts", "3", "--shots", "2", "--steps", "2"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [(r["attribute"], r["value"]) for r in rows] == [("size", 0.9), ("size", 0.1)]
+    for r in rows:
+        assert r["shift"] == pytest.approx(r["tuned"] - r["base"], abs=2e-3) and 0 <= r["base"] <= 1
