@@ -347,20 +347,29 @@ class RatingService:
         key = tuple(decided[-self.config.max_examples:])
         if not key:
             return None
-        with self._state_lock:
-            cached = self._tokens.get(user_id)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        cached = self._cached_tokens(user_id, key)
+        if cached is not None:
+            return cached
         rows = self.store.rated_examples(user_id, limit=self.config.max_examples)
         examples = [UserExample(prompt, from_png(good), from_png(bad)) for prompt, good, bad in rows]
         with self._model_lock:
+            # Checked again under the model lock: the pair thread and a request can both miss the cache
+            # for the same ratings, and the second must get the first one's tokens, not embed again.
+            cached = self._cached_tokens(user_id, key)
+            if cached is not None:
+                return cached
             # The pipeline's own cache would keep every set ever seen; here one entry per person.
             from diffpref.personalize.encoder import embed_user
 
             tokens = embed_user(self.pipe.user_encoder, self.pipe.backbone, examples).cpu()
-        with self._state_lock:
-            self._tokens[user_id] = (key, tokens)
+            with self._state_lock:
+                self._tokens[user_id] = (key, tokens)
         return tokens
+
+    def _cached_tokens(self, user_id: str, key: tuple) -> torch.Tensor | None:
+        with self._state_lock:
+            cached = self._tokens.get(user_id)
+        return cached[1] if cached is not None and cached[0] == key else None
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list[str], seeds: list[int], tokens: torch.Tensor | None,
