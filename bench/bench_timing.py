@@ -8,6 +8,11 @@ from collections.abc import Callable, Mapping
 import torch
 
 
+def device_label(device: torch.device) -> str:
+    """The ``device`` field of a benchmark's JSON: the CUDA card's name, or ``cpu (N threads)``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels are asynchronous: the clock must wait for them

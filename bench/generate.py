@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_timing import time_abba  # noqa: E402  (beside this script)
+from bench_timing import device_label, time_abba  # noqa: E402  (beside this script)
 
 TARGET_OVERHEAD = 0.05
 SHOTS = 4
@@ -94,14 +94,13 @@ def run(args) -> dict:
     base_ips = args.batch_size / statistics.median(times["base"])
     personal_ips = args.batch_size / statistics.median(times["personalized"])
     overhead = base_ips / personal_ips - 1
-    threads = torch.get_num_threads()
     return {
         "config": str(args.model), "adapter": str(args.adapter), "batch_size": args.batch_size, "steps": args.steps,
         "guidance_scale": guidance, "user_scale": args.user_scale,
         "base_images_per_s": round(base_ips, 3), "personalized_images_per_s": round(personal_ips, 3),
         "overhead": round(overhead, 4), "target_overhead": TARGET_OVERHEAD,
         "embed_user_k4_ms": round(1000 * statistics.median(embed_times), 2),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)",
+        "device": device_label(device),
         "dtype": str(base.unet.dtype).removeprefix("torch."),
         "base_batch_s": [round(x, 4) for x in times["base"]],
         "personalized_batch_s": [round(x, 4) for x in times["personalized"]],

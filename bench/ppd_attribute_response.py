@@ -31,26 +31,26 @@ import numpy as np  # noqa: E402
 
 
 def targets() -> list[tuple[str, object]]:
-    from diffpref.world.render import BACKGROUNDS, COLORS
+    from diffpref.world.render import CATEGORICAL
 
-    return ([("color", c) for c in COLORS] + [("background", b) for b in BACKGROUNDS]
-            + [("size", 0.9), ("size", 0.1), ("brightness", 0.9), ("brightness", 0.1)])
+    return ([(family, value) for family in ("color", "background") for value in CATEGORICAL[family]]
+            + [(family, end) for family in ("size", "brightness") for end in (0.9, 0.1)])
 
 
 def clean_examples(family: str, value, shots: int, rng: np.random.Generator):
     """``shots`` examples: a render with ``family = value`` preferred over the same render without it."""
     from diffpref.personalize.backbones import UserExample
     from diffpref.world.captions import caption_for
-    from diffpref.world.render import BACKGROUNDS, COLORS, render, sample_attributes
+    from diffpref.world.render import CATEGORICAL, render, sample_attributes
 
     examples = []
     for _ in range(shots):
         attrs = sample_attributes(rng)
-        if family in ("size", "brightness"):
-            worse = 1.0 - float(value)
-        else:
-            others = [v for v in (COLORS if family == "color" else BACKGROUNDS) if v != value]
+        if family in CATEGORICAL:
+            others = [v for v in CATEGORICAL[family] if v != value]
             worse = others[int(rng.integers(len(others)))]
+        else:
+            worse = 1.0 - float(value)
         examples.append(UserExample(caption_for(shape=attrs.shape), render(replace(attrs, **{family: value})),
                                     render(replace(attrs, **{family: worse}))))
     return examples
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffpref.personalize.world_eval import generate_personalized
     from diffpref.world.detector import FEATURE_KEYS, detect_batch, feature_matrix
     from diffpref.world.preference_eval import eval_prompts, generate_world_images
+    from diffpref.world.render import CATEGORICAL
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), args.adapter)
     pipe.set_progress_bar_config(disable=True)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = pipe.embed_user(clean_examples(family, value, args.shots, rng))
         tuned = feature_matrix(detect_batch(generate_personalized(pipe, prompts, seeds, tokens, 1.0, args.steps,
                                                                   None, 100)))
-        feature = family if family in ("size", "brightness") else f"{family}:{value}"
+        feature = f"{family}:{value}" if family in CATEGORICAL else family
         i = FEATURE_KEYS.index(feature)
         print(json.dumps({"attribute": family, "value": value, "feature": feature, "base": round(float(base[:, i].mean()), 3),
                           "tuned": round(float(tuned[:, i].mean()), 3),

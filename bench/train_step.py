@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_timing import sync, time_abba  # noqa: E402  (beside this script)
+from bench_timing import device_label, sync, time_abba  # noqa: E402  (beside this script)
 from diffpref.models.builders import WORLD_SCHEDULER_CONFIG, WORLD_UNET_CONFIG  # noqa: E402
 
 CONFIGS = ("embedded", "sd15", "sdxl")
@@ -933,7 +933,7 @@ def _result(args, timings: dict, memory: dict, check: dict, encode_s_per_pair: f
     return {
         "config": args.config, "method": args.method, "lora_rank": args.lora_rank, "batch_pairs": args.batch_pairs,
         "attention": args.attention, "resolution": resolution_of(args),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "pairs_per_s": round(pairs_per_s, 3), "ref_pairs_per_s": round(ref_pairs_per_s, 3),
         "speedup": round(pairs_per_s / ref_pairs_per_s, 3),
         "peak_mem_mb": round(peak, 1), "ref_peak_mem_mb": round(ref_peak, 1), "memory_ratio": round(peak / ref_peak, 3),

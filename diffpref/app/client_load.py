@@ -47,9 +47,9 @@ def rate_concurrently(url: str, clients: int = 20, per_client: int = 50) -> dict
 def check_ratings(store, clients: int, per_client: int) -> dict[str, Any]:
     """What the store holds after ``rate_concurrently``: counts, and the people whose ratings are wrong."""
     wrong = []
+    expected = [CHOICE_CYCLE[i % len(CHOICE_CYCLE)] for i in range(per_client)]
     for k in range(clients):
         rated = store.ratings_for(load_user(k))
-        expected = [CHOICE_CYCLE[i % len(CHOICE_CYCLE)] for i in range(per_client)]
         if (len(rated) != per_client or len({r["pair_id"] for r in rated}) != per_client
                 or [r["choice"] for r in rated] != expected):
             wrong.append(load_user(k))

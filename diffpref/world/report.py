@@ -195,16 +195,15 @@ def app_section(results: Path, out: Path) -> list[str]:
     if all(f"{m}_decided" in sim for m in modes):
         lines += ["", "Answers that were not ties (a tie teaches the encoder nothing), mean per rater after "
                       f"{len(sim['ratings'])} ratings: " + ", ".join(f"{m} {sim[f'{m}_decided'][-1]:.1f}" for m in modes) + "."]
-    cmp = None
     if "random_at_8" in sim:
         reached = sim["active_reaches_random_at_8_after"]
         lines += ["", f"Random pairs reach {sim['random_at_8']:.3f} after 8 ratings; active pairs reach it after "
                       f"{reached if reached else 'more than ' + str(len(sim['ratings']))} ratings."]
+    cmp = sim.get("comparison")
+    if cmp is None and "random_at_8" in sim and "per_user" in sim:  # written before simulate compared the modes
         from diffpref.app.simulate import compare_modes
 
-        cmp = sim.get("comparison")
-        if cmp is None and "per_user" in sim:  # written before simulate compared the modes itself
-            cmp = compare_modes(sim["per_user"]["active"], sim["per_user"]["random"])
+        cmp = compare_modes(sim["per_user"]["active"], sim["per_user"]["random"])
     if cmp is not None:
         diff, at5 = cmp["active_minus_random"], cmp.get("active_at_5_minus_random_at_8")
         lines += ["", f"Active minus random, per rater over the whole curve: {diff['mean']:+.3f} (90 % bootstrap "
