@@ -159,6 +159,17 @@ def cmd_world_relabel(args) -> int:
     return 0
 
 
+def cmd_world_policy_pairs(args) -> int:
+    from diffpref.world.policy_pairs import make_policy_pairs
+
+    summary = make_policy_pairs(args.data, args.adapter, args.out, users_file=args.users_file,
+                                captions_per_user=args.captions_per_user, contexts_per_user=args.contexts_per_user,
+                                shots=args.shots, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                                temperature=args.temperature, batch_size=args.batch_size, user_scale=args.user_scale)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_world_make_users(args) -> int:
     import numpy as np
 
@@ -385,6 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decided-only", action="store_true",
                    help="each user rates only pairs their oracle does not score equal (no coin-flip labels)")
     p.set_defaults(func=cmd_world_relabel)
+
+    p = world.add_parser("policy-pairs", help="PPD on-policy pairs: an adapter's personalized images rated by each "
+                                              "training user (train on them beside the offline pairs)")
+    p.add_argument("--data", required=True, help="the PPD training pairs.parquet (users' offline pairs: the contexts)")
+    p.add_argument("--adapter", required=True, help="PPD adapter that draws the images: embedded-ppd or a folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users-file", default=None, help="world users of --data (default: users.json beside it)")
+    p.add_argument("--captions-per-user", type=int, default=64, help="captions per user; each gives up to two pairs")
+    p.add_argument("--contexts-per-user", type=int, default=8, help="token sets per user (different few-shot contexts)")
+    p.add_argument("--shots", type=int, default=4, help="offline pairs in each context")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (as `world eval`)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
+    p.add_argument("--user-scale", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.1, help="Bradley-Terry temperature of the simulated choices")
+    p.set_defaults(func=cmd_world_policy_pairs)
 
     p = world.add_parser("make-users", help="write a JSON list of simulated users with known tastes")
     p.add_argument("--out", required=True, help="JSON file to write")

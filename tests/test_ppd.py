@@ -371,3 +371,55 @@ def test_ppd_attention_lr_sets_the_user_projections_own_rate(tmp_path, tiny_sd15
         torch.testing.assert_close(weight, expected)
     history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["lr"] > 0 and history[-1]["attention_lr"] == 0.0
+
+
+def test_ppd_init_adapter_starts_from_its_weights_and_policy_pairs_are_never_context(
+        tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, trained_adapter):
+    """``ppd_init_adapter`` loads a trained adapter (at lr 0 it comes out unchanged), and pairs that hold a
+    personalized image (``model_0/1 = ppd-policy:...``) train but never serve as a user's context."""
+    from safetensors.torch import load_file
+
+    from diffpref.personalize.context import ContextBank
+
+    root = multi_user_manifest.parent
+    rows = [json.loads(line) for line in multi_user_manifest.read_text().splitlines()]
+    for row in rows:
+        row["image_0"], row["image_1"] = str(root / row["image_0"]), str(root / row["image_1"])
+    rng = np.random.default_rng(5)
+    policy = []
+    for u in range(3):  # one on-policy pair per user, with images no base pair has
+        for side, color in (("a", "purple"), ("b", "orange")):
+            render(sample_attributes(rng, color=color)).save(tmp_path / f"policy{u}{side}.png")
+        policy.append({"prompt": "a shape", "image_0": str(tmp_path / f"policy{u}a.png"), "label": 1.0,
+                       "image_1": str(tmp_path / f"policy{u}b.png"), "user_id": f"user{u}",
+                       "model_0": f"ppd-policy:user{u}:0", "model_1": "embedded"})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + policy))
+    summary = train(_ppd_cfg(tmp_path, tiny_sd15_dir, data, clip_dir, ppd_init_adapter=str(trained_adapter[0]),
+                             learning_rate=0.0, ppd_attention_lr=0.0, max_train_steps=2))
+    assert np.isfinite(summary["final"]["loss"])
+    for name in ("user_attention.safetensors", "user_encoder/diffusion_pytorch_model.safetensors"):
+        start, end = load_file(str(trained_adapter[0] / name)), load_file(str(tmp_path / "out" / name))
+        assert start.keys() == end.keys()
+        for k in start:
+            torch.testing.assert_close(end[k], start[k], rtol=0, atol=0)
+
+    [bank_file] = (tmp_path / "cache").rglob("context-*.safetensors")
+    bank = ContextBank.load(bank_file)
+    assert bank.context_ok.tolist() == [True] * len(rows) + [False] * len(policy)
+    every = torch.arange(len(bank.label))
+    features, mask = bank.sample_context(every, [torch.Generator().manual_seed(i) for i in every.tolist()], 3, 3)
+    policy_features = bank.features(torch.arange(len(rows), len(bank.label)))
+    assert mask.sum() == 3 * len(every)  # every user has 3 other base-image pairs
+    assert not any(torch.equal(drawn, p) for drawn in features[mask] for p in policy_features)
+
+    # A user whose only base-image pair is the trained one has no context to draw.
+    lonely = ContextBank(bank.text[:2], bank.image_0[:2], bank.image_1[:2], bank.label[:2],
+                         torch.zeros(2, dtype=torch.long), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="no context pair besides this one"):
+        lonely.sample_context(torch.tensor([0]), [torch.Generator()], 1, 1)
+    assert lonely.sample_context(torch.tensor([1]), [torch.Generator()], 1, 1)[1].sum() == 1
+
+    with pytest.raises(ValueError, match="ppd_init_adapter .* makes 2 user tokens, this config 3"):
+        train(_ppd_cfg(tmp_path / "bad", tiny_sd15_dir, data, clip_dir, ppd_init_adapter=str(trained_adapter[0]),
+                       ppd_num_tokens=3))

@@ -3,7 +3,9 @@
 The user encoder's backbone is frozen, so the embeddings of every pair (prompt, image 0, image 1)
 are computed once, next to the latent cache, and training only runs the small trainable head. For
 each training pair, the user's context is k of that user's *other* pairs (never the pair being
-trained on), with k drawn anew per sample so the head learns to read any number of shots.
+trained on), with k drawn anew per sample so the head learns to read any number of shots. Pairs
+that hold a personalized image (on-policy pairs, ``diffpref world policy-pairs``) are trained on
+but never used as context: a user's context is what evaluation and the app read, base-image pairs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from tqdm.auto import tqdm
 from diffpref.data import iter_preferences
 from diffpref.personalize.backbones import example_features_from_embeddings
 
+# Model names of personalized images start with this (``diffpref world policy-pairs`` writes them).
+POLICY_MODEL_PREFIX = "ppd-policy"
+
+
+def is_policy_model(name: object) -> bool:
+    """Whether a pair's ``model_0``/``model_1`` names a personalized image (such a pair is never context)."""
+    return isinstance(name, str) and name.startswith(POLICY_MODEL_PREFIX)
+
 
 @dataclass
 class ContextBank:
@@ -26,11 +36,21 @@ class ContextBank:
     image_1: torch.Tensor     # [N, E]
     label: torch.Tensor       # [N] probability that image 0 was preferred
     user_index: torch.Tensor  # [N]
+    context_ok: torch.Tensor | None = None  # [N] bool: may be a user's context (default: every pair)
 
     def __post_init__(self):
+        if self.context_ok is None:
+            self.context_ok = torch.ones(len(self.label), dtype=torch.bool)
+        self.context_ok = self.context_ok.bool()
         self.by_user: dict[int, torch.Tensor] = {}
+        self.context_of_user: dict[int, torch.Tensor] = {}
         for user in self.user_index.unique().tolist():
             self.by_user[user] = (self.user_index == user).nonzero().flatten()
+            self.context_of_user[user] = ((self.user_index == user) & self.context_ok).nonzero().flatten()
+
+    @property
+    def context_rows(self) -> torch.Tensor:
+        return self.context_ok.nonzero().flatten()
 
     @property
     def feature_dim(self) -> int:
@@ -54,11 +74,12 @@ class ContextBank:
         batch = torch.zeros(len(rows), k_max, self.feature_dim)
         mask = torch.zeros(len(rows), k_max, dtype=torch.bool)
         for b, (row, gen) in enumerate(zip(rows.tolist(), generators)):
-            others = self.by_user[int(self.user_index[row])]
+            others = self.context_of_user[int(self.user_index[row])]
             others = others[others != row]
             if len(others) == 0:
-                raise ValueError(f"user {int(self.user_index[row])} has a single pair: PPD needs >= 2 pairs per user "
-                                 "(the context must never contain the pair being trained on)")
+                raise ValueError(f"user {int(self.user_index[row])} has no context pair besides this one: PPD needs >= 2 "
+                                 "base-image pairs per user (the context never contains the pair being trained on, "
+                                 "nor an on-policy pair)")
             k = int(torch.randint(k_min, k_max + 1, (1,), generator=gen))
             k = min(k, len(others))
             chosen = others[torch.randperm(len(others), generator=gen)[:k]]
@@ -69,7 +90,7 @@ class ContextBank:
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         save_file({"text": self.text, "image_0": self.image_0, "image_1": self.image_1, "label": self.label,
-                   "user_index": self.user_index}, str(tmp))
+                   "user_index": self.user_index, "context_ok": self.context_ok}, str(tmp))
         tmp.replace(path)
 
     @classmethod
@@ -85,7 +106,7 @@ def build_context_bank(cache, backbone, data_path, tie_policy: str, backbone_nam
     if path.exists():
         return ContextBank.load(path)
     users = {u: i for i, u in enumerate(cache.users)}
-    text, im0, im1, label, user = [], [], [], [], []
+    text, im0, im1, label, user, context_ok = [], [], [], [], [], []
     pending: list = []
 
     def flush():
@@ -94,6 +115,7 @@ def build_context_bank(cache, backbone, data_path, tie_policy: str, backbone_nam
         im1.append(backbone.embed_images([p.image_1 for p in pending]))
         label.extend(p.label for p in pending)
         user.extend(users[p.user_id] for p in pending)
+        context_ok.extend(not any(is_policy_model(p.extras.get(k)) for k in ("model_0", "model_1")) for p in pending)
         pending.clear()
 
     # Same reader and tie policy as the latent cache, so row i here is row i there (checked below).
@@ -105,7 +127,8 @@ def build_context_bank(cache, backbone, data_path, tie_policy: str, backbone_nam
     if pending:
         flush()
     bank = ContextBank(torch.cat(text).float().cpu(), torch.cat(im0).float().cpu(), torch.cat(im1).float().cpu(),
-                       torch.tensor(label, dtype=torch.float32), torch.tensor(user, dtype=torch.long))
+                       torch.tensor(label, dtype=torch.float32), torch.tensor(user, dtype=torch.long),
+                       torch.tensor(context_ok, dtype=torch.bool))
     if len(bank.label) != len(cache):
         raise RuntimeError(f"context bank has {len(bank.label)} pairs but the latent cache {len(cache)}: "
                            "the data changed while training started; delete the cache and rerun")

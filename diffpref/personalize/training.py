@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from diffpref.personalize.adapter import save_ppd_adapter
@@ -49,6 +50,27 @@ def user_table_tokens(shared: torch.Tensor, offsets: torch.Tensor, basis: torch.
     return torch.nn.functional.layer_norm(table, table.shape[-1:])
 
 
+def start_from_adapter(encoder: UserEncoder, unet, adapter: str, num_tokens: int) -> None:
+    """Copy a trained adapter's encoder head and user projections into a freshly built ``encoder`` and ``unet``
+    (``ppd_init_adapter``); the shapes must match exactly, or a clear error names what differs."""
+    from diffpref.personalize.adapter import ATTENTION_NAME, ENCODER_DIR, read_ppd_config, resolve_adapter
+    from diffpref.personalize.attention import load_user_attention_state_dict
+
+    path = resolve_adapter(adapter)
+    if int(read_ppd_config(path)["num_tokens"]) != num_tokens:
+        raise ValueError(f"ppd_init_adapter {path} makes {read_ppd_config(path)['num_tokens']} user tokens, this "
+                         f"config {num_tokens} (ppd_num_tokens): they must match")
+    trained = UserEncoder.from_pretrained(path / ENCODER_DIR)
+    own, theirs = encoder.state_dict(), trained.state_dict()
+    differ = sorted(k for k in set(own) | set(theirs) if k not in own or k not in theirs or own[k].shape != theirs[k].shape)
+    if differ:
+        raise ValueError(f"ppd_init_adapter {path}: its user encoder differs from this config's in {differ[:5]} "
+                         "(set ppd_encoder, ppd_hidden, ppd_layers, ... as the adapter was trained)")
+    encoder.load_state_dict(theirs)
+    state = load_file(str(path / ATTENTION_NAME))
+    load_user_attention_state_dict(unet, {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in state.items()})
+
+
 class PPDConditioner:
     def __init__(self, cfg, encoder: UserEncoder, bank: ContextBank, num_tokens: int, users: list[str]):
         self.cfg, self.encoder, self.bank, self.num_tokens, self.users = cfg, encoder, bank, num_tokens, users
@@ -83,8 +105,10 @@ class PPDConditioner:
                               anchor_evidence=anchors is not None and cfg.ppd_anchor_evidence,
                               free_anchors=cfg.ppd_free_anchors if anchors is not None else 0,
                               evidence_dim=bank.text.shape[1] if evidence else 0).to(accelerator.device)
-        if evidence:
-            encoder.set_evidence_scale(bank.features(torch.arange(len(bank.label))))
+        if cfg.ppd_init_adapter:
+            start_from_adapter(encoder, unet, cfg.ppd_init_adapter, cfg.ppd_num_tokens)
+        elif evidence:
+            encoder.set_evidence_scale(bank.features(bank.context_rows))
         if anchors is not None:
             encoder.set_anchors(anchors, words, directions)
         if cfg.ppd_user_table:

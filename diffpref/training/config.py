@@ -87,6 +87,7 @@ class TrainConfig:
     ppd_anchor_evidence: bool = field(default=True, metadata={"help": "PPD with ppd_anchors: add to each anchor's logit how well its word's backbone text direction separates the user's preferred from rejected images (open_clip backbones)"})
     ppd_attention_lr: float | None = field(default=None, metadata={"help": "PPD: learning rate of the UNet's user projections (and LoRA); default learning_rate. The head's small fresh weights want a far larger rate than copies of the UNet's"})
     ppd_value_init_scale: float = field(default=1.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v (below 1: the user branch starts weaker than the text attention)"})
+    ppd_init_adapter: str | None = field(default=None, metadata={"help": "PPD: start the user encoder and the user projections from this trained adapter ('embedded-ppd' or a folder) instead of fresh; e.g. a round on its own on-policy pairs (`diffpref world policy-pairs`). Its encoder settings and token count must match this config's"})
     ppd_token_scale_init: float = field(default=0.05, metadata={"help": "PPD: initial scale of user tokens (small: start next to the base model)"})
 
     def __post_init__(self):
