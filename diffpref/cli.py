@@ -40,7 +40,14 @@ def cmd_generate(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from diffpref.generate import EMBEDDED_STEPS, contact_sheets, generate_to_folder, merge_metadata, plan_jobs, read_prompts
+    from diffpref.generate import (
+        EMBEDDED_STEPS,
+        contact_sheets,
+        generate_to_folder,
+        merge_metadata,
+        plan_jobs,
+        read_prompts,
+    )
     from diffpref.models.loading import load_pipeline
 
     prompts = read_prompts(args.prompts)

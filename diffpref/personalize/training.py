@@ -53,7 +53,12 @@ def user_table_tokens(shared: torch.Tensor, offsets: torch.Tensor, basis: torch.
 def start_from_adapter(encoder: UserEncoder, unet, adapter: str, num_tokens: int) -> None:
     """Copy a trained adapter's encoder head and user projections into a freshly built ``encoder`` and ``unet``
     (``ppd_init_adapter``); the shapes must match exactly, or a clear error names what differs."""
-    from diffpref.personalize.adapter import ATTENTION_NAME, ENCODER_DIR, read_ppd_config, resolve_adapter
+    from diffpref.personalize.adapter import (
+        ATTENTION_NAME,
+        ENCODER_DIR,
+        read_ppd_config,
+        resolve_adapter,
+    )
     from diffpref.personalize.attention import load_user_attention_state_dict
 
     path = resolve_adapter(adapter)

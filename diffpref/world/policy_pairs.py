@@ -45,7 +45,13 @@ from diffpref.world.make_data import (
     png_bytes,
 )
 from diffpref.world.relabel import _decode
-from diffpref.world.users import WorldUser, bradley_terry_choice, load_users, oracle_reward, save_users
+from diffpref.world.users import (
+    WorldUser,
+    bradley_terry_choice,
+    load_users,
+    oracle_reward,
+    save_users,
+)
 
 _OFFLINE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "user_id", "world_user_id")
 
