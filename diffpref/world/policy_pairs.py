@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from diffpref.world.make_data import (
     pair_rng,
     png_bytes,
 )
-from diffpref.world.relabel import _decode
+from diffpref.world.relabel import _decode, read_columns
 from diffpref.world.users import (
     WorldUser,
     bradley_terry_choice,
@@ -63,17 +62,6 @@ class _Job:
     caption: str
     seed_a: int
     seed_b: int
-
-
-def _read_offline(data_path: Path) -> dict[str, list]:
-    if not data_path.is_file():
-        raise FileNotFoundError(f"no such preference file: {data_path} (PPD training data from `diffpref world relabel`)")
-    table = pq.read_table(data_path)
-    missing = sorted(set(_OFFLINE_COLUMNS) - set(table.schema.names))
-    if missing:
-        raise ValueError(f"{data_path}: missing column(s) {', '.join(missing)}; policy pairs read world data rated by "
-                         "named users (`diffpref world make-data` or `relabel` output)")
-    return {name: table.column(name).to_pylist() for name in _OFFLINE_COLUMNS}
 
 
 def _contexts_of(rows: list[int], offline: dict[str, list], data_path: Path, shots: int, count: int,
@@ -116,7 +104,8 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
     if captions_per_user < 1 or not 1 <= contexts_per_user <= captions_per_user or shots < 1:
         raise ValueError(f"need captions_per_user >= contexts_per_user >= 1 and shots >= 1; got {captions_per_user}, "
                          f"{contexts_per_user}, {shots}")
-    offline = _read_offline(data_path)
+    offline = read_columns(data_path, _OFFLINE_COLUMNS, "policy pairs read world data rated by named users "
+                                                        "(`diffpref world make-data` or `relabel` output)")
     rows_of: dict[str, list[int]] = {}
     for r, name in enumerate(offline["world_user_id"]):
         rows_of.setdefault(name, []).append(r)

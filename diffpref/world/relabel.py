@@ -25,8 +25,18 @@ from diffpref.data.errors import ImageRejected
 from diffpref.data.images import decode_image
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
 from diffpref.world.detector import detect_batch, feature_matrix
-from diffpref.world.make_data import CREATED_AT_BASE, PAIRS_SCHEMA, check_labelling, pair_rng
-from diffpref.world.users import WorldUser, bradley_terry_choice, oracle_reward, save_users
+from diffpref.world.make_data import (
+    CREATED_AT_BASE,
+    PAIRS_SCHEMA,
+    check_labelling,
+    pair_rng,
+)
+from diffpref.world.users import (
+    WorldUser,
+    bradley_terry_choice,
+    oracle_reward,
+    save_users,
+)
 
 # The pool's columns that are copied unchanged into every rating of a pair.
 _POOL_COLUMNS = ("are_different", "caption", "image_0_uid", "image_0_url", "image_1_uid", "image_1_url",
@@ -46,17 +56,22 @@ def _read_pool(sources: list[Path]) -> tuple[dict[str, list], list[tuple[Path, i
     return pool, origin
 
 
-def _read_one_pool(source: Path) -> dict[str, list]:
+def read_columns(source: Path, columns: tuple[str, ...], missing_hint: str) -> dict[str, list]:
+    """``columns`` of a world parquet file as lists; a clear error names a missing file, column or empty file."""
     if not source.is_file():
-        raise FileNotFoundError(f"no such pair pool: {source} (make one with `diffpref world make-data`)")
-    table = pq.read_table(source)
-    missing = sorted(set(_POOL_COLUMNS) - set(table.schema.names))
+        raise FileNotFoundError(f"no such pair file: {source} (make one with `diffpref world make-data`)")
+    table = pq.read_table(source, columns=[c for c in columns if c in pq.read_schema(source).names])
+    missing = sorted(set(columns) - set(table.schema.names))
     if missing:
-        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; relabel reads `diffpref world make-data` "
-                         "output (its seed_0/seed_1 columns name the generations)")
+        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}; {missing_hint}")
     if table.num_rows == 0:
-        raise ValueError(f"{source}: the pool has no pairs")
-    return {name: table.column(name).to_pylist() for name in _POOL_COLUMNS}
+        raise ValueError(f"{source}: the file has no pairs")
+    return {name: table.column(name).to_pylist() for name in columns}
+
+
+def _read_one_pool(source: Path) -> dict[str, list]:
+    return read_columns(source, _POOL_COLUMNS, "relabel reads `diffpref world make-data` output (its seed_0/seed_1 "
+                                               "columns name the generations)")
 
 
 def _decode(blob: bytes, source: Path, row: int) -> np.ndarray:
