@@ -206,7 +206,7 @@ def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
 
 
 @pytest.mark.parametrize("name", ["embedded_dpo", "embedded_inpo", "embedded_kto", "embedded_mapo", "embedded_ppd",
-                                  "embedded_ppd_pool", "embedded_ppd_set", "sd15_dpo", "sd15_inpo", "sdxl_dpo", "sdxl_inpo", "sd15_ppd", "sdxl_ppd"])
+                                  "embedded_ppd_pool", "embedded_ppd_set", "embedded_ppd_online", "sd15_dpo", "sd15_inpo", "sdxl_dpo", "sdxl_inpo", "sd15_ppd", "sdxl_ppd"])
 def test_shipped_configs_parse(name):
     cfg = load_config(TrainConfig, REPO / "configs" / f"{name}.yaml")
     assert cfg.method in name
