@@ -62,6 +62,7 @@ LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 PROMPT_DROPOUT = 0.1
 INVERSION_STEPS = 10
+INVERSION_MODEL = "reference"  # InPO: which model inverts x0 to x_t (TrainConfig.inversion_model's default)
 OBJECTIVE_TOLERANCE = 1e-3  # |loss_ours - loss_reference| on the check batch, fp32
 TOKENS_TOLERANCE = 1e-4  # PPD: |user tokens from the cached embeddings - from the backbone run live|
 # PPD: the trainer's defaults (TrainConfig ppd_*), the head width of configs/{embedded,sd15}_ppd.yaml, and
@@ -375,7 +376,7 @@ class CachedTrainerStep(Variant):
         from diffpref.training.objectives import paired_preference
 
         return paired_preference(batch, self.policy, self.reference, self.schedule, noise, t, beta, self.method,
-                                 INVERSION_STEPS, 0.0, generator)
+                                 INVERSION_STEPS, 0.0, generator, inversion_model=INVERSION_MODEL)
 
     def condition(self, batch, indices, generators):
         """Extra conditioning of the batch, in place; returns an auxiliary loss or None (none for DPO/InPO)."""
@@ -503,9 +504,14 @@ class ReferenceStyleStep(Variant):
         if self.method == "inpo":
             from diffpref.inversion import ddim_invert
 
+            # The public script inverts with the model being trained; diffpref's trainer inverts with the
+            # frozen reference by default (TrainConfig.inversion_model). Both loops invert with the same
+            # model so that they compute one objective (the objective check) at the same cost (one
+            # no-grad UNet pass per inversion step either way).
+            inverter = self.ref_unet if INVERSION_MODEL == "reference" else self.policy_unet
             with torch.no_grad(), _autocast(self.device, self.dtype):
-                inv = ddim_invert(lambda x, s: self.policy_unet(x, s, encoder_hidden_states,
-                                                                added_cond_kwargs=added_cond_kwargs).sample.float(),
+                inv = ddim_invert(lambda x, s: inverter(x, s, encoder_hidden_states,
+                                                            added_cond_kwargs=added_cond_kwargs).sample.float(),
                                   latents.float(), timesteps, self.noise_scheduler.alphas_cumprod,
                                   num_steps=INVERSION_STEPS)
             noisy_latents, target = inv.x_t, inv.eps_star

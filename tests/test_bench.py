@@ -79,6 +79,17 @@ def test_train_step_bench_runs_ppd():
     assert result["objective_abs_diff"] <= 1e-3 and result["user_tokens_abs_diff"] <= 1e-4
 
 
+@pytest.mark.slow  # ~20 s: InPO's inversion is ten extra UNet passes in both loops
+def test_train_step_bench_inpo_loops_compute_one_objective():
+    """Both loops invert x0 with the same model (the trainer's default, the frozen reference), so the
+    objective check holds; it failed while the reference-style loop still inverted with the policy."""
+    result = run_bench("train_step.py", "--device", "cpu", "--method", "inpo", "--batch-pairs", "1", "--repeats", "5",
+                       "--warmup", "2")
+    assert (result["method"], result["lora_rank"]) == ("inpo", 8)
+    assert result["objective_abs_diff"] <= 1e-3
+    assert_positive_numbers(result, ["pairs_per_s", "ref_pairs_per_s", "speedup", "peak_mem_mb", "ref_peak_mem_mb"])
+
+
 # ---------------------------------------------------------------------------------------------- fixed user
 
 
