@@ -208,7 +208,7 @@ def cmd_world_eval(args) -> int:
                               shots=args.shots if args.shots is not None else 4,
                               num_prompts=args.prompts if args.prompts is not None else 200, seed=args.seed,
                               steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                              user_scale=args.user_scale, progress=not args.json)
+                              user_scale=args.user_scale)  # progress goes to stderr, so --json output stays clean
     elif args.adapter or args.users:
         from diffpref.world.preference_eval import evaluate_preference
 

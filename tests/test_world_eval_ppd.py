@@ -17,7 +17,9 @@ def test_world_eval_ppd_prints_the_issue_keys(tmp_path, capsys):
     args = ["world", "eval", "--adapter", "embedded-ppd", "--users", str(tmp_path / "users.json"), "--shots", "2",
             "--prompts", "6", "--steps", "3", "--batch-size", "16", "--json"]
     assert main(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout is the JSON alone; per-user progress goes to stderr
+    assert "likes_red: win rate" in captured.err and "likes_dark: win rate" in captured.err
     assert {"win_rate_vs_base", "adherence", "base_adherence", "per_user", "ranking_accuracy",
             "ceiling_win_rate"} <= set(result)
     assert set(result["per_user"]) == {"likes_red", "likes_dark"} and (result["shots"], result["n"]) == (2, 6)

@@ -11,6 +11,7 @@ the personalized denoiser prefers one image than the base does) order the pair a
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,7 +145,8 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
                                                                    shots, seed=seed + u),
         }
         if progress:
-            print(f"  {user.user_id}: win rate {per_user[user.user_id]['win_rate']:.3f}", flush=True)
+            # stderr, beside the progress bars: stdout carries only the result (``--json`` pipes it)
+            print(f"  {user.user_id}: win rate {per_user[user.user_id]['win_rate']:.3f}", file=sys.stderr, flush=True)
     return {
         "win_rate_vs_base": float(np.mean([v["win_rate"] for v in per_user.values()])),
         "adherence": float(np.mean(adherences)),
