@@ -93,15 +93,21 @@ def iter_generated(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     """Yield ``(start index, uint8 images)`` per pipeline call of at most ``batch_size`` images.
 
     ``image_kwargs`` go to `generate_images` (``height``, ``width``, ``user_embedding``, ...). Each
-    image has its own generator, so the images do not depend on ``batch_size``.
+    image has its own generator, so the images do not depend on ``batch_size``. A ``user_embedding``
+    of one user ([K, d] or [1, K, d]) serves every image; one of shape [N, K, d], N = len(prompts),
+    gives every image its own user and is split into the batches with the prompts.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    users = image_kwargs.pop("user_embedding", None)
+    per_image = users is not None and users.dim() == 3 and users.shape[0] == len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
             stop = min(start + batch_size, len(prompts))
+            if users is not None:
+                image_kwargs["user_embedding"] = users[start:stop] if per_image else users
             yield start, generate_images(pipe, prompts[start:stop], seeds[start:stop], steps, guidance_scale,
                                          **image_kwargs)
             bar.update(stop - start)

@@ -423,3 +423,25 @@ def test_ppd_init_adapter_starts_from_its_weights_and_policy_pairs_are_never_con
     with pytest.raises(ValueError, match="ppd_init_adapter .* makes 2 user tokens, this config 3"):
         train(_ppd_cfg(tmp_path / "bad", tiny_sd15_dir, data, clip_dir, ppd_init_adapter=str(trained_adapter[0]),
                        ppd_num_tokens=3))
+
+
+def test_per_image_user_tokens_are_split_into_batches_with_their_prompts(personalized):
+    """``iter_generated`` with [N, K, d] tokens gives every image its own user, whatever the batch size:
+    the same images as generating each image alone with its user's tokens."""
+    from diffpref.generate import generate_all, generate_images
+
+    rng = np.random.default_rng(3)
+    users = [personalized.embed_user(_examples(rng, color, 2)) for color in ("red", "blue", "green")]
+    prompts, seeds = ["a shape", "a star", "a shape"], [1, 2, 3]
+    kw = dict(height=32, width=32, user_scale=1.0)
+    together = generate_all(personalized, prompts, seeds, 2, 1.0, batch_size=2, progress=False,
+                            user_embedding=torch.stack(users), **kw)
+    alone = np.concatenate([generate_images(personalized, [p], [s], 2, 1.0, user_embedding=u, **kw)
+                            for p, s, u in zip(prompts, seeds, users)])
+    np.testing.assert_allclose(together.astype(int), alone.astype(int), atol=1)
+    # one user for all: [K, d] is broadcast, not split
+    shared = generate_all(personalized, prompts, seeds, 2, 1.0, batch_size=2, progress=False,
+                          user_embedding=users[0], **kw)
+    np.testing.assert_allclose(shared[1:2].astype(int), generate_images(
+        personalized, prompts[1:2], seeds[1:2], 2, 1.0, user_embedding=users[0], **kw).astype(int), atol=1)
+    assert not np.array_equal(together[1], shared[1])  # the blue user's image is not the red user's

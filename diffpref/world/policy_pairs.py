@@ -38,11 +38,11 @@ from diffpref.world.make_data import (
     CREATED_AT_BASE,
     PAIRS_SCHEMA,
     check_labelling,
-    generate_in_batches,
     image_uid,
     pair_rng,
     png_bytes,
 )
+from diffpref.world.preference_eval import generate_world_images
 from diffpref.world.relabel import _decode, read_columns
 from diffpref.world.users import (
     WorldUser,
@@ -134,20 +134,13 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
 
     # 2. Images: base for seed a; personalized for seeds a and b, each sample with its own user's tokens.
     captions = [j.caption for j in jobs]
-    base_images = np.concatenate([im for _, im in generate_in_batches(
-        pipe, captions, [j.seed_a for j in jobs], steps, guidance_scale, batch_size, progress, "base")])
-    personalized = {}
-    for side in ("a", "b"):
-        seeds = [getattr(j, f"seed_{side}") for j in jobs]
-        chunks = []
-        for start in tqdm(range(0, len(jobs), batch_size), desc=f"personalized ({side})", disable=not progress,
-                          dynamic_ncols=True):
-            part = jobs[start:start + batch_size]
-            user_tokens = torch.stack([tokens[j.user, j.context] for j in part])
-            chunks.extend(im for _, im in generate_in_batches(
-                pipe, captions[start:start + batch_size], seeds[start:start + batch_size], steps, guidance_scale,
-                len(part), False, user_embedding=user_tokens, user_scale=user_scale))
-        personalized[side] = np.concatenate(chunks)
+    base_images = generate_world_images(pipe, captions, [j.seed_a for j in jobs], steps, guidance_scale, batch_size,
+                                        progress, "base")
+    per_job_tokens = torch.stack([tokens[j.user, j.context] for j in jobs])  # [N, K, d]: split with the captions
+    personalized = {side: generate_world_images(pipe, captions, [getattr(j, f"seed_{side}") for j in jobs], steps,
+                                                guidance_scale, batch_size, progress, f"personalized ({side})",
+                                                user_embedding=per_job_tokens, user_scale=user_scale)
+                    for side in ("a", "b")}
     features = {name: feature_matrix(detect_batch(images)) for name, images in
                 (("base", base_images), ("a", personalized["a"]), ("b", personalized["b"]))}
 
@@ -156,6 +149,7 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
     out.mkdir(parents=True, exist_ok=True)
     parquet_path = out / "pairs.parquet"
     user_ids = {name: offline["user_id"][rows[0]] for name, rows in rows_of.items()}
+    base_name = str(model) if isinstance(model, (str, os.PathLike)) else "base"
     prompt_counts = Counter(captions)
     written = ties = personalized_won = 0  # personalized_won: (personalized, base) pairs the oracle gives to the first
     with PickapicWriter(parquet_path, PAIRS_SCHEMA) as writer:
@@ -164,8 +158,7 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
             policy_name = f"{POLICY_MODEL_PREFIX}:{user.user_id}:{job.context}"
             sides = {"a": (personalized["a"][n], features["a"][n], policy_name, job.seed_a),
                      "b": (personalized["b"][n], features["b"][n], policy_name, job.seed_b),
-                     "base": (base_images[n], features["base"][n], str(model if isinstance(model, str) else "base"),
-                              job.seed_a)}
+                     "base": (base_images[n], features["base"][n], base_name, job.seed_a)}
             for p, (first, second) in enumerate((("a", "base"), ("a", "b"))):
                 r_first, r_second = (float(oracle_reward(user, sides[s][1])) for s in (first, second))
                 personalized_won += second == "base" and r_first > r_second
