@@ -57,6 +57,12 @@ def read_ppd_config(adapter: str | os.PathLike) -> dict:
     return json.loads((resolve_adapter(adapter) / CONFIG_NAME).read_text())
 
 
+def load_user_attention_weights(unet, adapter: str | os.PathLike) -> None:
+    """The adapter's user projections into a UNet whose user attention is installed (same tokens and blocks)."""
+    state = load_file(str(resolve_adapter(adapter) / ATTENTION_NAME))
+    load_user_attention_state_dict(unet, {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in state.items()})
+
+
 def load_ppd_adapter(unet, adapter: str | os.PathLike, scale: float = 1.0) -> tuple[UserEncoder, dict]:
     """Install user attention on ``unet`` with the adapter's weights; returns (user encoder, config)."""
     path = resolve_adapter(adapter)
@@ -65,8 +71,7 @@ def load_ppd_adapter(unet, adapter: str | os.PathLike, scale: float = 1.0) -> tu
         raise ValueError(f"adapter {path} makes {config['token_dim']}-wide user tokens but this UNet's "
                          f"cross_attention_dim is {unet.config.cross_attention_dim}: it was trained for another model")
     install_user_attention(unet, config["num_tokens"], blocks=config["blocks"], scale=scale)
-    state = load_file(str(path / ATTENTION_NAME))
-    load_user_attention_state_dict(unet, {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in state.items()})
+    load_user_attention_weights(unet, path)
     encoder = UserEncoder.from_pretrained(path / ENCODER_DIR).to(unet.device).eval()
     return encoder, config
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from diffpref.personalize.adapter import save_ppd_adapter
@@ -54,17 +53,17 @@ def start_from_adapter(encoder: UserEncoder, unet, adapter: str, num_tokens: int
     """Copy a trained adapter's encoder head and user projections into a freshly built ``encoder`` and ``unet``
     (``ppd_init_adapter``); the shapes must match exactly, or a clear error names what differs."""
     from diffpref.personalize.adapter import (
-        ATTENTION_NAME,
         ENCODER_DIR,
+        load_user_attention_weights,
         read_ppd_config,
         resolve_adapter,
     )
-    from diffpref.personalize.attention import load_user_attention_state_dict
 
     path = resolve_adapter(adapter)
-    if int(read_ppd_config(path)["num_tokens"]) != num_tokens:
-        raise ValueError(f"ppd_init_adapter {path} makes {read_ppd_config(path)['num_tokens']} user tokens, this "
-                         f"config {num_tokens} (ppd_num_tokens): they must match")
+    trained_tokens = int(read_ppd_config(path)["num_tokens"])
+    if trained_tokens != num_tokens:
+        raise ValueError(f"ppd_init_adapter {path} makes {trained_tokens} user tokens, this config {num_tokens} "
+                         "(ppd_num_tokens): they must match")
     trained = UserEncoder.from_pretrained(path / ENCODER_DIR)
     own, theirs = encoder.state_dict(), trained.state_dict()
     differ = sorted(k for k in set(own) | set(theirs) if k not in own or k not in theirs or own[k].shape != theirs[k].shape)
@@ -72,8 +71,7 @@ def start_from_adapter(encoder: UserEncoder, unet, adapter: str, num_tokens: int
         raise ValueError(f"ppd_init_adapter {path}: its user encoder differs from this config's in {differ[:5]} "
                          "(set ppd_encoder, ppd_hidden, ppd_layers, ... as the adapter was trained)")
     encoder.load_state_dict(theirs)
-    state = load_file(str(path / ATTENTION_NAME))
-    load_user_attention_state_dict(unet, {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in state.items()})
+    load_user_attention_weights(unet, path)
 
 
 class PPDConditioner:
