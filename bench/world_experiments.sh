@@ -3,7 +3,7 @@
 # It runs on 2 CPU cores: two lanes of single-threaded jobs side by side. Each step is skipped when
 # its output already exists, so an interrupted run continues where it stopped.
 #
-#   bash bench/world_experiments.sh            # all (about an hour on 2 cores)
+#   bash bench/world_experiments.sh            # all (about two and a half hours on 2 cores)
 #   diffpref world report --results outputs --out reports/world
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +52,16 @@ for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots
   run outputs/ppd_eval/interpolation.json python -m diffpref.personalize.interpolation --adapter outputs/embedded_ppd \
       --users configs/users/opposites.json --out outputs/ppd_eval/interpolation.json; } &
 wait
+
+# 4b. The issue's upper bound on the unseen users themselves: a per-user DPO LoRA from 1000 of each user's
+#     pairs, against PPD with 4 and 32 shots on the same 60 prompts and seeds.
+ev unseen_k4_p60 --users configs/users/ppd_unseen.json --shots 4 --prompts 60 &
+ev unseen_k32_p60 --users configs/users/ppd_unseen.json --shots 32 --prompts 60 &
+wait
+run outputs/ppd_dpo_upper_bound/summary.json bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json \
+    outputs/ppd_dpo_upper_bound
+run outputs/ppd_dpo_upper_bound_900/summary.json env DPO_OVERRIDES="max_train_steps=900 eval_every=300" \
+    bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_900
 
 # 5. The app: the 12 unseen users as simulated raters answer the rating service's pairs, active vs random.
 run outputs/app_raters.json python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 \

@@ -16,6 +16,13 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
         "few_shot_ceiling_win_rate": 0.85, "per_user": {}}))
     (results / "ppd_eval" / "seen_k4.json").write_text(json.dumps({  # written before the ceiling was reported
         "win_rate_vs_base": 0.75, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "per_user": {}}))
+    for k, rate in ((4, 0.6), (32, 0.65)):
+        (results / "ppd_eval" / f"unseen_k{k}_p60.json").write_text(json.dumps({
+            "win_rate_vs_base": rate, "per_user": {"u0": {"win_rate": rate - 0.1}, "u1": {"win_rate": rate + 0.1}}}))
+    (results / "ppd_dpo_upper_bound").mkdir()
+    (results / "ppd_dpo_upper_bound" / "summary.json").write_text(json.dumps({
+        "win_rate_vs_base": 0.66, "adherence": 0.95, "base_adherence": 0.97, "win_rate_by_step": {"300": 0.66},
+        "per_user": {"u0": {"win_rate": 0.52}, "u1": {"win_rate": 0.8}}}))
     (results / "ppd_eval" / "interpolation.json").write_text(json.dumps({
         "users": ["a", "b"], "monotonic": True, "curve": [{"mix": 0.0, "a": 1.0, "b": -1.0}, {"mix": 1.0, "a": -1.0, "b": 1.0}]}))
     ratings = list(range(1, 11))
@@ -30,6 +37,8 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     assert "| inpo | red_large | missing |" in text
     assert "| unseen | 4 | 0.700 | 0.900 | 0.900 | 0.600 | 0.900 | 0.850 |" in text and "monotonic: True" in text
     assert "| seen | 4 | 0.750 | 0.900 | 0.900 | 0.600 | - | - |" in text
+    assert "| u0 | 0.520 | 0.500 | 0.550 | +0.020 |" in text and "| **mean** | 0.660 | 0.600 | 0.650 | +0.060 |" in text
+    assert "Trained longer" not in text  # no 900-step run in these results
     assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text
     assert "Active minus random, per rater over the whole curve: +0.110" in text  # 0.02 x mean(1..10)
     for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png", "app_active_vs_random.png"):

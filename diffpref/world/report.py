@@ -152,6 +152,7 @@ def ppd_section(results: Path, out: Path) -> list[str]:
             if dpo and ppd is not None:
                 d = dpo["eval"]["win_rate_vs_base"]
                 lines.append(f"| {user} | {d:.3f} | {ppd:.3f} | {d - ppd:+.3f} |")
+    lines += upper_bound_lines(results)
     interp = _read(ev / "interpolation.json")
     if interp:
         a, b = interp["users"]
@@ -167,6 +168,37 @@ def ppd_section(results: Path, out: Path) -> list[str]:
         lines += ["", f"Interpolation {a} -> {b} (monotonic: {interp['monotonic']}):", "",
                   f"![interpolation]({_plot(out, 'interpolation.png', draw_interp)})"]
     return lines + [""]
+
+
+def upper_bound_lines(results: Path) -> list[str]:
+    """The issue's upper bound on the unseen users themselves (``bench/ppd_dpo_upper_bound.sh``): a DPO LoRA per
+    user from 1000 of their own pairs, beside PPD from K of their choices, all on the same 60 prompts and seeds."""
+    bound = _read(results / "ppd_dpo_upper_bound" / "summary.json")
+    if not bound:
+        return []
+    ppd = {k: _read(results / "ppd_eval" / f"unseen_k{k}_p60.json") for k in (4, 32)}
+    shots = [k for k, r in ppd.items() if r]
+    lines = ["", "Per-user DPO LoRA on the unseen users themselves (the issue's upper bound: 1000 of the user's own "
+             "pairs, shipped `embedded_dpo.yaml`) against PPD from K of their choices, the same 60 prompts and seeds "
+             "(`bench/ppd_dpo_upper_bound.sh`):", "",
+             "| user | DPO LoRA | " + " | ".join(f"PPD K={k}" for k in shots) + " | DPO - PPD K=4 |",
+             "|---|---|" + "---|" * len(shots) + "---|"]
+
+    def row(name: str, dpo: float, ppd_rates: list[float | None]) -> str:
+        cells = " | ".join("-" if v is None else f"{v:.3f}" for v in ppd_rates)
+        gap = "-" if not ppd_rates or ppd_rates[0] is None or shots[0] != 4 else f"{dpo - ppd_rates[0]:+.3f}"
+        return f"| {name} | {dpo:.3f} | {cells} | {gap} |"
+
+    for user, result in bound["per_user"].items():
+        lines.append(row(user, result["win_rate"], [ppd[k]["per_user"].get(user, {}).get("win_rate") for k in shots]))
+    lines.append(row("**mean**", bound["win_rate_vs_base"], [ppd[k]["win_rate_vs_base"] for k in shots]))
+    lines += ["", f"DPO LoRA adherence {bound['adherence']:.3f} (base {bound['base_adherence']:.3f})."]
+    longer = _read(results / "ppd_dpo_upper_bound_900" / "summary.json")
+    if longer:
+        curve = ", ".join(f"{rate:.3f} at {step}" for step, rate in longer["win_rate_by_step"].items())
+        lines.append(f"Trained longer (`DPO_OVERRIDES=\"max_train_steps=900 eval_every=300\"`), mean win rate {curve} "
+                     f"steps; adherence {longer['adherence']:.3f} at the end.")
+    return lines
 
 
 def app_section(results: Path, out: Path) -> list[str]:
