@@ -44,7 +44,7 @@ for ((i = 0; i < ${#ids[@]}; i += 2)); do
   wait
 done
 python - "$out" "${ids[@]}" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 out, ids = Path(sys.argv[1]), sys.argv[2:]
 per_user = {}
@@ -57,7 +57,7 @@ for uid in ids:
                      "base_adherence": final["base_adherence"], "win_rate_by_step": curve}
 mean = lambda key: sum(v[key] for v in per_user.values()) / len(per_user)
 steps = sorted(set.intersection(*(set(v["win_rate_by_step"]) for v in per_user.values())))
-summary = {"win_rate_vs_base": mean("win_rate"),
+summary = {"overrides": os.environ.get("DPO_OVERRIDES", ""), "win_rate_vs_base": mean("win_rate"),
            "win_rate_by_step": {s: sum(v["win_rate_by_step"][s] for v in per_user.values()) / len(per_user) for s in steps}, "adherence": mean("adherence"),
            "base_adherence": mean("base_adherence"), "per_user": per_user}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))

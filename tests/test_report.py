@@ -23,6 +23,10 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     (results / "ppd_dpo_upper_bound" / "summary.json").write_text(json.dumps({
         "win_rate_vs_base": 0.66, "adherence": 0.95, "base_adherence": 0.97, "win_rate_by_step": {"300": 0.66},
         "per_user": {"u0": {"win_rate": 0.52}, "u1": {"win_rate": 0.8}}}))
+    (results / "ppd_dpo_upper_bound_900").mkdir()
+    (results / "ppd_dpo_upper_bound_900" / "summary.json").write_text(json.dumps({
+        "overrides": "max_train_steps=900 eval_every=300", "win_rate_vs_base": 0.7, "adherence": 0.95,
+        "base_adherence": 0.97, "win_rate_by_step": {"300": 0.66, "900": 0.7}, "per_user": {}}))
     (results / "ppd_eval" / "interpolation.json").write_text(json.dumps({
         "users": ["a", "b"], "monotonic": True, "curve": [{"mix": 0.0, "a": 1.0, "b": -1.0}, {"mix": 1.0, "a": -1.0, "b": 1.0}]}))
     ratings = list(range(1, 11))
@@ -38,7 +42,7 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     assert "| unseen | 4 | 0.700 | 0.900 | 0.900 | 0.600 | 0.900 | 0.850 |" in text and "monotonic: True" in text
     assert "| seen | 4 | 0.750 | 0.900 | 0.900 | 0.600 | - | - |" in text
     assert "| u0 | 0.520 | 0.500 | 0.550 | +0.020 |" in text and "| **mean** | 0.660 | 0.600 | 0.650 | +0.060 |" in text
-    assert "Trained longer" not in text  # no 900-step run in these results
+    assert "- `max_train_steps=900 eval_every=300`: mean win rate 0.660 at step 300, 0.700 at step 900;" in text
     assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text
     assert "Active minus random, per rater over the whole curve: +0.110" in text  # 0.02 x mean(1..10)
     for png in ("win_rate_vs_steps.png", "ppd_shots.png", "interpolation.png", "app_active_vs_random.png"):

@@ -193,11 +193,14 @@ def upper_bound_lines(results: Path) -> list[str]:
         lines.append(row(user, result["win_rate"], [ppd[k]["per_user"].get(user, {}).get("win_rate") for k in shots]))
     lines.append(row("**mean**", bound["win_rate_vs_base"], [ppd[k]["win_rate_vs_base"] for k in shots]))
     lines += ["", f"DPO LoRA adherence {bound['adherence']:.3f} (base {bound['base_adherence']:.3f})."]
-    longer = _read(results / "ppd_dpo_upper_bound_900" / "summary.json")
-    if longer:
-        curve = ", ".join(f"{rate:.3f} at {step}" for step, rate in longer["win_rate_by_step"].items())
-        lines.append(f"Trained longer (`DPO_OVERRIDES=\"max_train_steps=900 eval_every=300\"`), mean win rate {curve} "
-                     f"steps; adherence {longer['adherence']:.3f} at the end.")
+    # other settings of the same bound (the script's DPO_OVERRIDES), e.g. longer training or another beta
+    for path in sorted(results.glob("ppd_dpo_upper_bound_*/summary.json")):
+        variant = _read(path)
+        if not variant:
+            continue
+        curve = ", ".join(f"{rate:.3f} at step {step}" for step, rate in variant["win_rate_by_step"].items())
+        lines.append(f"- `{variant.get('overrides') or path.parent.name}`: mean win rate {curve}; adherence "
+                     f"{variant['adherence']:.3f} at the end.")
     return lines
 
 
