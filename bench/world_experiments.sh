@@ -3,7 +3,7 @@
 # It runs on 2 CPU cores: two lanes of single-threaded jobs side by side. Each step is skipped when
 # its output already exists, so an interrupted run continues where it stopped.
 #
-#   bash bench/world_experiments.sh            # all (about three hours on 2 cores)
+#   bash bench/world_experiments.sh            # all (about three and a half hours on 2 cores)
 #   diffpref world report --results outputs --out reports/world
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +64,8 @@ run outputs/ppd_dpo_upper_bound_900/summary.json env DPO_OVERRIDES="max_train_st
     bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_900
 run outputs/ppd_dpo_upper_bound_beta1000/summary.json env DPO_OVERRIDES="beta=1000" \
     bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_beta1000
+run outputs/ppd_dpo_upper_bound_beta250/summary.json env DPO_OVERRIDES="beta=250" \
+    bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_beta250
 
 # 5. The app: the 12 unseen users as simulated raters answer the rating service's pairs, active vs random.
 run outputs/app_raters.json python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 \
