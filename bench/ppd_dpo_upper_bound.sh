@@ -49,17 +49,20 @@ from pathlib import Path
 out, ids = Path(sys.argv[1]), sys.argv[2:]
 per_user = {}
 for uid in ids:
-    final = json.loads((out / uid / "summary.json").read_text())["eval"]
+    run = json.loads((out / uid / "summary.json").read_text())
+    final = run["eval"]
     history = [json.loads(line) for line in (out / uid / "history.jsonl").read_text().splitlines()]
     curve = {h["step"]: h["win_rate_vs_base"] for h in history if "win_rate_vs_base" in h}
-    curve[json.loads((out / uid / "summary.json").read_text())["steps"]] = final["win_rate_vs_base"]
+    curve[run["steps"]] = final["win_rate_vs_base"]
     per_user[uid] = {"win_rate": final["win_rate_vs_base"], "adherence": final["adherence"],
                      "base_adherence": final["base_adherence"], "win_rate_by_step": curve}
-mean = lambda key: sum(v[key] for v in per_user.values()) / len(per_user)
+mean = lambda values: sum(values) / len(values)
 steps = sorted(set.intersection(*(set(v["win_rate_by_step"]) for v in per_user.values())))
-summary = {"overrides": os.environ.get("DPO_OVERRIDES", ""), "win_rate_vs_base": mean("win_rate"),
-           "win_rate_by_step": {s: sum(v["win_rate_by_step"][s] for v in per_user.values()) / len(per_user) for s in steps}, "adherence": mean("adherence"),
-           "base_adherence": mean("base_adherence"), "per_user": per_user}
+summary = {"overrides": os.environ.get("DPO_OVERRIDES", ""),
+           "win_rate_vs_base": mean([v["win_rate"] for v in per_user.values()]),
+           "win_rate_by_step": {s: mean([v["win_rate_by_step"][s] for v in per_user.values()]) for s in steps},
+           "adherence": mean([v["adherence"] for v in per_user.values()]),
+           "base_adherence": mean([v["base_adherence"] for v in per_user.values()]), "per_user": per_user}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps({k: v for k, v in summary.items() if k != "per_user"}))
 EOF

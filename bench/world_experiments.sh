@@ -60,12 +60,12 @@ ev unseen_k32_p60 --users configs/users/ppd_unseen.json --shots 32 --prompts 60 
 wait
 run outputs/ppd_dpo_upper_bound/summary.json bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json \
     outputs/ppd_dpo_upper_bound
-run outputs/ppd_dpo_upper_bound_900/summary.json env DPO_OVERRIDES="max_train_steps=900 eval_every=300" \
-    bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_900
-run outputs/ppd_dpo_upper_bound_beta1000/summary.json env DPO_OVERRIDES="beta=1000" \
-    bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_beta1000
-run outputs/ppd_dpo_upper_bound_beta250/summary.json env DPO_OVERRIDES="beta=250" \
-    bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_beta250
+# the same bound trained longer, and at lower betas (name of the run, then its DPO_OVERRIDES)
+for variant in "900:max_train_steps=900 eval_every=300" "beta1000:beta=1000" "beta250:beta=250"; do
+  name=${variant%%:*}
+  run outputs/ppd_dpo_upper_bound_$name/summary.json env DPO_OVERRIDES="${variant#*:}" \
+      bash bench/ppd_dpo_upper_bound.sh configs/users/ppd_unseen.json outputs/ppd_dpo_upper_bound_$name
+done
 
 # 5. The app: the 12 unseen users as simulated raters answer the rating service's pairs, active vs random.
 run outputs/app_raters.json python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 \

@@ -184,14 +184,14 @@ def upper_bound_lines(results: Path) -> list[str]:
              "| user | DPO LoRA | " + " | ".join(f"PPD K={k}" for k in shots) + " | DPO - PPD K=4 |",
              "|---|---|" + "---|" * len(shots) + "---|"]
 
-    def row(name: str, dpo: float, ppd_rates: list[float | None]) -> str:
-        cells = " | ".join("-" if v is None else f"{v:.3f}" for v in ppd_rates)
-        gap = "-" if not ppd_rates or ppd_rates[0] is None or shots[0] != 4 else f"{dpo - ppd_rates[0]:+.3f}"
+    def row(name: str, dpo: float, ppd_rates: dict[int, float | None]) -> str:
+        cells = " | ".join("-" if v is None else f"{v:.3f}" for v in ppd_rates.values())
+        gap = "-" if ppd_rates.get(4) is None else f"{dpo - ppd_rates[4]:+.3f}"
         return f"| {name} | {dpo:.3f} | {cells} | {gap} |"
 
     for user, result in bound["per_user"].items():
-        lines.append(row(user, result["win_rate"], [ppd[k]["per_user"].get(user, {}).get("win_rate") for k in shots]))
-    lines.append(row("**mean**", bound["win_rate_vs_base"], [ppd[k]["win_rate_vs_base"] for k in shots]))
+        lines.append(row(user, result["win_rate"], {k: ppd[k]["per_user"].get(user, {}).get("win_rate") for k in shots}))
+    lines.append(row("**mean**", bound["win_rate_vs_base"], {k: ppd[k]["win_rate_vs_base"] for k in shots}))
     lines += ["", f"DPO LoRA adherence {bound['adherence']:.3f} (base {bound['base_adherence']:.3f})."]
     # other settings of the same bound (the script's DPO_OVERRIDES), e.g. longer training or another beta
     for path in sorted(results.glob("ppd_dpo_upper_bound_*/summary.json")):
