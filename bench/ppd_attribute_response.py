@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.personalize.world_eval import generate_personalized
+    from diffpref.experiments.ppd_eval import generate_personalized
     from diffpref.world.detector import FEATURE_KEYS, detect_batch, feature_matrix
-    from diffpref.world.preference_eval import eval_prompts, generate_world_images
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
     from diffpref.world.render import CATEGORICAL
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), args.adapter)

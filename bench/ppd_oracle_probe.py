@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from diffpref.models.loading import load_pipeline
-    from diffpref.personalize.world_eval import denoising_errors
+    from diffpref.experiments.ppd_eval import denoising_errors
     from diffpref.personalize.context import ContextBank
     from diffpref.personalize.pipeline import PersonalizedPipeline
     from diffpref.training.cache import PreferenceCache

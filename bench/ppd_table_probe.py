@@ -49,10 +49,10 @@ def newest_checkpoint(adapter: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.personalize.world_eval import as_examples, draw_pairs, generate_personalized
+    from diffpref.experiments.ppd_eval import as_examples, draw_pairs, generate_personalized
     from diffpref.world.detector import detect_batch, feature_matrix
-    from diffpref.world.evaluate import adherence_of, win_rate
-    from diffpref.world.preference_eval import eval_prompts, generate_world_images
+    from diffpref.world.metrics import adherence_of, win_rate
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
     from diffpref.world.users import load_users, oracle_reward
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

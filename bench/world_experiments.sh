@@ -49,7 +49,7 @@ ev() { local name=$1; shift; run outputs/ppd_eval/$name.json sh -c "diffpref wor
 for k in 4 1 2 8; do ev unseen_k$k --users configs/users/ppd_unseen.json --shots $k --prompts 100; done &
 { ev seen_k4 --users outputs/ppd_eval/seen_users.json --shots 4 --prompts 100
   ev dpo_users_k4 --users outputs/ppd_eval/dpo_users.json --shots 4 --prompts 200
-  run outputs/ppd_eval/interpolation.json python -m diffpref.personalize.interpolation --adapter outputs/embedded_ppd \
+  run outputs/ppd_eval/interpolation.json python -m diffpref.experiments.interpolation --adapter outputs/embedded_ppd \
       --users configs/users/opposites.json --out outputs/ppd_eval/interpolation.json; } &
 wait
 
@@ -68,5 +68,5 @@ for variant in "900:max_train_steps=900 eval_every=300" "beta1000:beta=1000" "be
 done
 
 # 5. The app: the 12 unseen users as simulated raters answer the rating service's pairs, active vs random.
-run outputs/app_raters.json python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 \
+run outputs/app_raters.json python -m diffpref.experiments.simulate --users configs/users/ppd_unseen.json --ratings 10 \
     --prompts 32 --candidate-prompts 2 --out outputs/app_raters.json > /dev/null

@@ -141,7 +141,7 @@ def cmd_data_export(args) -> int:
 def cmd_world_make_data(args) -> int:
     import numpy as np
 
-    from diffpref.world.make_data import make_preference_data
+    from diffpref.experiments.make_data import make_preference_data
     from diffpref.world.users import load_users, random_users
 
     if (args.users is None) == (args.users_file is None):
@@ -157,7 +157,7 @@ def cmd_world_make_data(args) -> int:
 
 
 def cmd_world_relabel(args) -> int:
-    from diffpref.world.relabel import relabel_pairs
+    from diffpref.experiments.relabel import relabel_pairs
     from diffpref.world.users import load_users
 
     summary = relabel_pairs(args.pool, args.out, load_users(args.users_file), pairs_per_user=args.pairs_per_user,
@@ -167,7 +167,7 @@ def cmd_world_relabel(args) -> int:
 
 
 def cmd_world_policy_pairs(args) -> int:
-    from diffpref.world.policy_pairs import make_policy_pairs
+    from diffpref.experiments.policy_pairs import make_policy_pairs
 
     summary = make_policy_pairs(args.data, args.adapter, args.out, users_file=args.users_file,
                                 captions_per_user=args.captions_per_user, contexts_per_user=args.contexts_per_user,
@@ -200,7 +200,7 @@ def cmd_world_eval(args) -> int:
     from diffpref.personalize.adapter import is_ppd_adapter
 
     if is_ppd_adapter(args.adapter) or args.shots is not None:
-        from diffpref.personalize.world_eval import evaluate_ppd
+        from diffpref.experiments.ppd_eval import evaluate_ppd
 
         if not args.users:
             raise ValueError("PPD evaluation needs --users FILE: the simulated users to personalize for")
@@ -210,7 +210,7 @@ def cmd_world_eval(args) -> int:
                               steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                               user_scale=args.user_scale)  # progress goes to stderr, so --json output stays clean
     elif args.adapter or args.users:
-        from diffpref.world.preference_eval import evaluate_preference
+        from diffpref.experiments.preference_eval import evaluate_preference
 
         if not args.users:
             raise ValueError("--adapter needs --users FILE: the simulated users whose oracle judges the images")
@@ -218,7 +218,7 @@ def cmd_world_eval(args) -> int:
                                      num_prompts=args.prompts if args.prompts is not None else 200, seed=args.seed,
                                      steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size)
     else:
-        from diffpref.world.evaluate import evaluate_adherence
+        from diffpref.experiments.adherence import evaluate_adherence
 
         result = evaluate_adherence(args.model, num_prompts=args.prompts if args.prompts is not None else 240,
                                     seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -315,7 +315,7 @@ def _add_app_parser(sub) -> None:
 
 
 def cmd_world_report(args) -> int:
-    from diffpref.world.report import write_report
+    from diffpref.experiments.report import write_report
 
     path = write_report(args.results, args.out, grids=not args.no_grids)
     print(json.dumps({"report": str(path)}))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from diffpref.app.simulate import first_reaching, oracle_choice, simulate_raters
+from diffpref.experiments.simulate import first_reaching, oracle_choice, simulate_raters
 from diffpref.world.render import WorldAttributes, render
 from diffpref.world.users import WorldUser
 
@@ -40,7 +40,7 @@ def test_simulated_raters_drive_the_service_in_both_modes(tmp_path):
 
 
 def test_compare_modes_resamples_raters():
-    from diffpref.app.simulate import compare_modes
+    from diffpref.experiments.simulate import compare_modes
 
     random = {"a": [0.5] * 10, "b": [0.6] * 10}
     shifted = compare_modes({u: [v + 0.1 for v in c] for u, c in random.items()}, random)

@@ -65,7 +65,7 @@ def test_ceiling_win_rate_counts_wins_and_ties():
 
 def test_few_shot_ceiling_against_a_direct_computation():
     from diffpref.world.ceiling import few_shot_ceiling_win_rate
-    from diffpref.world.evaluate import win_rate
+    from diffpref.world.metrics import win_rate
 
     rng = np.random.default_rng(3)
     prompts = [sample_prompt(rng) for _ in range(30)]

@@ -41,7 +41,7 @@ def test_open_clip_loads_the_embedded_clip():
 @pytest.fixture(scope="module")
 def adherence():
     """The issue's measurement: 240 generations of fully specified captions at 25 steps."""
-    from diffpref.world.evaluate import evaluate_adherence
+    from diffpref.experiments.adherence import evaluate_adherence
 
     return evaluate_adherence("embedded", num_prompts=240, seed=0, steps=25, batch_size=120, progress=False)
 

@@ -8,7 +8,7 @@ from diffpref.models.builders import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from diffpref.models.loading import check_attention, load_pipeline, native_resolution, resolve_model
 from diffpref.models.tokenizer import build_vocabulary, load_world_tokenizer, write_world_tokenizer
 from diffpref.world.captions import caption_vocabulary
-from diffpref.world.pretrain import PretrainConfig
+from diffpref.experiments.pretrain import PretrainConfig
 
 
 def test_world_words_are_single_tokens(tmp_path):

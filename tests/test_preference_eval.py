@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from diffpref.cli import main
-from diffpref.world.preference_eval import compare, eval_prompts, load_adapter
+from diffpref.experiments.preference_eval import compare, eval_prompts
+from diffpref.models.loading import load_adapter
 from diffpref.world.render import render, sample_attributes
 from diffpref.world.users import WorldUser
 

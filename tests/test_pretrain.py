@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffpref.world import pretrain
-from diffpref.world.pretrain import PretrainConfig, lr_at, run
+from diffpref.experiments import pretrain
+from diffpref.experiments.pretrain import PretrainConfig, lr_at, run
 
 TOY = dict(num_images=48, vae_steps=2, vae_batch_size=4, unet_steps=4, unet_batch_size=4, clip_steps=2,
            clip_batch_size=8, checkpoint_every=2, warmup_steps=1, threads=1)

@@ -27,7 +27,7 @@ from diffpref.data import (
 )
 from diffpref.data.pickapic_writer import PICKAPIC_V2_SCHEMA
 from diffpref.training.cache import data_identity
-from diffpref.world.make_data import PAIRS_SCHEMA
+from diffpref.experiments.make_data import PAIRS_SCHEMA
 
 
 def png(colour: tuple[int, int, int], size: int = 8) -> bytes:

@@ -31,8 +31,9 @@ from diffpref.world import (
     sample_attributes,
     save_users,
 )
-from diffpref.world.evaluate import adherence_of, balanced_captions, evaluate_adherence, win_rate
-from diffpref.world.make_data import PICKAPIC_V2_SCHEMA, make_preference_data, pair_seeds
+from diffpref.experiments.adherence import evaluate_adherence
+from diffpref.world.metrics import adherence_of, balanced_captions, win_rate
+from diffpref.experiments.make_data import PICKAPIC_V2_SCHEMA, make_preference_data, pair_seeds
 
 USERS = [
     WorldUser("likes_red", {"color:red": 1.0, "size": 0.5}),
@@ -232,7 +233,7 @@ def test_cli_make_data_and_eval(tmp_path: Path, tiny_pipe, capsys) -> None:
 
 def test_plan_pairs_name_prob_controls_how_much_captions_name():
     from diffpref.world.captions import parse_caption
-    from diffpref.world.make_data import plan_pairs
+    from diffpref.experiments.make_data import plan_pairs
 
     assert {job.caption for job in plan_pairs(2, 20, seed=3, name_prob=0.0)} == {"a shape"}
     assert all(len(parse_caption(job.caption)) == 3 for job in plan_pairs(2, 20, seed=3, name_prob=1.0))
@@ -246,7 +247,7 @@ def test_plan_pairs_name_prob_controls_how_much_captions_name():
 
 # ----------------------------------------------------------------------------- relabel
 def test_relabel_rates_pool_pairs_by_each_users_oracle(tmp_path: Path, capsys) -> None:
-    from diffpref.world.relabel import relabel_pairs
+    from diffpref.experiments.relabel import relabel_pairs
 
     pool = _make(tmp_path, "pool", RenderPipe(), pairs_per_user=6)["parquet"]  # 12 generated pairs
     pool_rows = {(r["image_0_uid"], r["image_1_uid"]): r for r in pq.read_table(pool).to_pylist()}

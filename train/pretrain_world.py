@@ -6,7 +6,7 @@
 import argparse
 
 from diffpref.config import load_config
-from diffpref.world.pretrain import PHASES, PretrainConfig, run
+from diffpref.experiments.pretrain import PHASES, PretrainConfig, run
 
 
 def main(argv=None):

@@ -115,3 +115,20 @@ def load_pipeline(model: str | os.PathLike | None = "embedded", device: str | No
 def native_resolution(pipe) -> int:
     """The image size the pipeline was trained at (64 for the embedded model, 512 SD1.5, 1024 SDXL)."""
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def load_adapter(pipe, adapter: str | os.PathLike):
+    """Apply a trained adapter: a diffusers LoRA folder/file, or a full UNet folder (``unet/`` or the UNet itself)."""
+    path = Path(adapter)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter {adapter} does not exist")
+    if path.is_file() or (path / "pytorch_lora_weights.safetensors").exists():
+        pipe.load_lora_weights(str(path))
+        return pipe
+    unet_dir = path / "unet" if (path / "unet" / "config.json").exists() else path
+    if (unet_dir / "config.json").exists():
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=pipe.unet.dtype).to(pipe.device)
+        return pipe
+    raise FileNotFoundError(f"{adapter} holds neither pytorch_lora_weights.safetensors nor a UNet config.json")

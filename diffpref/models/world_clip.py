@@ -13,13 +13,10 @@ embedding carries size and brightness too; the user encoder needs them to read a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 WORLD_CLIP_MODEL_CFG = {
     "embed_dim": 64,
@@ -92,49 +89,3 @@ def load_world_clip(path: str | Path | None = None, device: str = "cpu"):
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     model = model.float().eval()
     return model, preprocess, open_clip.get_tokenizer(name)
-
-
-def train_world_clip(cfg, data, work: Path, out: Path) -> Path:
-    """Contrastive (InfoNCE, Radford et al. 2021) training of the tiny CLIP on world renders; resumable."""
-    import open_clip
-
-    from diffpref.world.pretrain import Checkpointer, lr_at
-
-    ckpt = Checkpointer(work, "clip")
-    torch.manual_seed(cfg.seed + 3)
-    model = build_world_clip()
-    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=WORLD_CLIP_MODEL_CFG["text_cfg"]["context_length"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
-    step, rng = 0, np.random.default_rng(cfg.seed + 3)
-    state = ckpt.load()
-    if state:
-        model.load_state_dict(state["model"])
-        if ckpt.done.exists():
-            return save_world_clip(model, out / "world-clip")
-        opt.load_state_dict(state["opt"]); step = state["step"]; rng.bit_generator.state = state["rng"]
-    model.train()
-    bar = tqdm(total=cfg.clip_steps, initial=step, desc="clip", dynamic_ncols=True)
-    while step < cfg.clip_steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup_steps)
-        idx = rng.choice(len(data), size=cfg.clip_batch_size, replace=False)
-        images = images_to_clip_input(data.images[idx])
-        texts = tokenizer([describe(data.attrs[int(i)], rng) for i in idx])
-        image_features, text_features, logit_scale = model(images, texts)
-        logits = logit_scale * image_features @ text_features.T
-        # Captions repeat inside a batch ("a red star"): identical texts are all positives for an image.
-        same = (texts.unsqueeze(0) == texts.unsqueeze(1)).all(-1).float()
-        targets = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
-                      + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
-        loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.clip_steps:
-            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng.bit_generator.state})
-    bar.close()
-    ckpt.done.touch()
-    return save_world_clip(model.eval(), out / "world-clip")

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from diffpref.generate import EMBEDDED_STEPS, default_guidance, generate_all, read_prompts
-from diffpref.models.loading import default_device, load_pipeline
+from diffpref.models.loading import default_device, load_adapter, load_pipeline
 from diffpref.paths import EMBEDDED_NAMES
 from diffpref.personalize.adapter import is_ppd_adapter
 from diffpref.rewards.specs import RewardSpec, check_reward_files, load_reward, parse_rewards
-from diffpref.world.evaluate import win_rate
+from diffpref.world.metrics import win_rate
 
 
 def check_adapter(adapter: str | os.PathLike | None, users: str | os.PathLike | None) -> bool:
@@ -52,9 +52,7 @@ def generate_eval_images(pipe, prompts: Sequence[str], seeds: Sequence[int], ada
     if not ppd:
         if adapter is None:
             return base, {None: base}
-        from diffpref.world.preference_eval import load_adapter  # a LoRA (file or folder) or a full UNet folder
-
-        load_adapter(pipe, adapter)
+        load_adapter(pipe, adapter)  # a LoRA (file or folder) or a full UNet folder
         return base, {None: generate_all(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "tuned")}
 
     from diffpref.personalize.pipeline import PersonalizedPipeline

@@ -414,6 +414,6 @@ def _make_evaluator(cfg: TrainConfig, accelerator, unet, pipeline_class, resolut
     users_file = Path(cfg.eval_users) if cfg.eval_users else Path(cfg.data_path).parent / "users.json"
     if cfg.method == "ppd" or not users_file.exists() or not accelerator.is_main_process:
         return None
-    from diffpref.world.preference_eval import TrainingEvaluator
+    from diffpref.experiments.preference_eval import TrainingEvaluator
 
     return TrainingEvaluator(cfg, unet, users_file)

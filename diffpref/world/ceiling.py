@@ -16,7 +16,7 @@ import numpy as np
 
 from diffpref.world.captions import parse_caption
 from diffpref.world.detector import FEATURE_KEYS
-from diffpref.world.evaluate import win_rate
+from diffpref.world.metrics import win_rate
 from diffpref.world.render import CATEGORICAL, CONTINUOUS
 from diffpref.world.users import WorldUser, oracle_reward
 

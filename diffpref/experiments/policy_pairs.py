@@ -34,7 +34,7 @@ from diffpref.personalize.backbones import UserExample
 from diffpref.personalize.context import POLICY_MODEL_PREFIX
 from diffpref.world.captions import sample_prompt
 from diffpref.world.detector import detect_batch, feature_matrix
-from diffpref.world.make_data import (
+from diffpref.experiments.make_data import (
     CREATED_AT_BASE,
     PAIRS_SCHEMA,
     check_labelling,
@@ -42,8 +42,8 @@ from diffpref.world.make_data import (
     pair_rng,
     png_bytes,
 )
-from diffpref.world.preference_eval import generate_world_images
-from diffpref.world.relabel import _decode, read_columns
+from diffpref.experiments.preference_eval import generate_world_images
+from diffpref.experiments.relabel import _decode, read_columns
 from diffpref.world.users import (
     WorldUser,
     bradley_terry_choice,

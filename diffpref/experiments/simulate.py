@@ -7,7 +7,7 @@ set of evaluation captions. Their oracle compares those images with the base mod
 same captions and seeds (ties count half). Run once with active pair choice and once with
 random pairs, the curves say how many ratings each needs.
 
-    python -m diffpref.app.simulate --users configs/users/ppd_unseen.json --ratings 10 --out outputs/app_raters.json
+    python -m diffpref.experiments.simulate --users configs/users/ppd_unseen.json --ratings 10 --out outputs/app_raters.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from diffpref.app.pairs import PAIR_MODES
 from diffpref.app.service import AppConfig, RatingService
 from diffpref.world.detector import detect_batch, feature_matrix
-from diffpref.world.evaluate import win_rate
+from diffpref.world.metrics import win_rate
 from diffpref.world.users import WorldUser, load_users, oracle_reward
 
 
@@ -69,8 +69,8 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
     """Win rate against the base after 1..``ratings`` ratings, per pair mode (mean over users)."""
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.personalize.world_eval import generate_personalized
-    from diffpref.world.preference_eval import eval_prompts, generate_world_images
+    from diffpref.experiments.ppd_eval import generate_personalized
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
 
     unknown = set(modes) - set(PAIR_MODES)
     if unknown:

@@ -27,6 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffpref.models.world_clip import (
+    WORLD_CLIP_MODEL_CFG,
+    build_world_clip,
+    describe,
+    images_to_clip_input,
+    save_world_clip,
+)
 from diffpref.world.captions import caption_for
 from diffpref.world.render import render_batch, sample_attributes
 
@@ -242,6 +249,50 @@ def train_unet(cfg: PretrainConfig, data: WorldRenders, components: dict, cache:
     components["unet"], components["text_encoder"] = ema["unet"], ema["text_encoder"]
 
 
+def train_world_clip(cfg, data, work: Path, out: Path) -> Path:
+    """Contrastive (InfoNCE, Radford et al. 2021) training of the tiny CLIP on world renders; resumable."""
+    import open_clip
+
+    ckpt = Checkpointer(work, "clip")
+    torch.manual_seed(cfg.seed + 3)
+    model = build_world_clip()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=WORLD_CLIP_MODEL_CFG["text_cfg"]["context_length"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
+    step, rng = 0, np.random.default_rng(cfg.seed + 3)
+    state = ckpt.load()
+    if state:
+        model.load_state_dict(state["model"])
+        if ckpt.done.exists():
+            return save_world_clip(model, out / "world-clip")
+        opt.load_state_dict(state["opt"]); step = state["step"]; rng.bit_generator.state = state["rng"]
+    model.train()
+    bar = tqdm(total=cfg.clip_steps, initial=step, desc="clip", dynamic_ncols=True)
+    while step < cfg.clip_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr, cfg.warmup_steps)
+        idx = rng.choice(len(data), size=cfg.clip_batch_size, replace=False)
+        images = images_to_clip_input(data.images[idx])
+        texts = tokenizer([describe(data.attrs[int(i)], rng) for i in idx])
+        image_features, text_features, logit_scale = model(images, texts)
+        logits = logit_scale * image_features @ text_features.T
+        # Captions repeat inside a batch ("a red star"): identical texts are all positives for an image.
+        same = (texts.unsqueeze(0) == texts.unsqueeze(1)).all(-1).float()
+        targets = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
+                      + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
+        loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.clip_steps:
+            ckpt.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "rng": rng.bit_generator.state})
+    bar.close()
+    ckpt.done.touch()
+    return save_world_clip(model.eval(), out / "world-clip")
+
+
 def export_pipeline(components: dict, out: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
@@ -274,8 +325,6 @@ def run(cfg: PretrainConfig, phases: tuple[str, ...] = PHASES) -> None:
     if {"unet", "export"} & set(phases):
         train_unet(cfg, data, components, cache, work)
     if "clip" in phases:
-        from diffpref.models.world_clip import train_world_clip
-
         train_world_clip(cfg, data, work, out)
     if "export" in phases:
         target = export_pipeline(components, out)

@@ -205,7 +205,7 @@ def upper_bound_lines(results: Path) -> list[str]:
 
 
 def app_section(results: Path, out: Path) -> list[str]:
-    """The simulated raters of ``python -m diffpref.app.simulate`` (``app_raters.json``)."""
+    """The simulated raters of ``python -m diffpref.experiments.simulate`` (``app_raters.json``)."""
     sim = _read(results / "app_raters.json")
     if sim is None:
         return []
@@ -236,7 +236,7 @@ def app_section(results: Path, out: Path) -> list[str]:
                       f"{reached if reached else 'more than ' + str(len(sim['ratings']))} ratings."]
     cmp = sim.get("comparison")
     if cmp is None and "random_at_8" in sim and "per_user" in sim:  # written before simulate compared the modes
-        from diffpref.app.simulate import compare_modes
+        from diffpref.experiments.simulate import compare_modes
 
         cmp = compare_modes(sim["per_user"]["active"], sim["per_user"]["random"])
     if cmp is not None:
@@ -271,8 +271,8 @@ def grid_section(results: Path, out: Path, users=("red_large", "dark_small"), n:
 
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.personalize.world_eval import generate_personalized, as_examples, draw_pairs
-    from diffpref.world.preference_eval import eval_prompts, generate_world_images
+    from diffpref.experiments.ppd_eval import generate_personalized, as_examples, draw_pairs
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
     from diffpref.world.users import load_users
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), results / "embedded_ppd")

@@ -1,4 +1,4 @@
-"""How well a model follows world captions, and how two sets of rewards compare.
+"""Pure oracle metrics: how well images follow world captions, and how two sets of rewards compare.
 
 Prompt adherence is measured with the exact detector: for every caption that names an attribute
 (shape, colour, background), does the generated image show it? Preference tuning should move a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -59,28 +58,6 @@ def adherence_of(images: np.ndarray, captions: Sequence[str]) -> dict[str, float
     scored = [v for v in result.values() if not math.isnan(v)]
     result["mean_acc"] = float(np.mean(scored)) if scored else math.nan
     result["n"] = len(captions)
-    return result
-
-
-def evaluate_adherence(model: Any = "embedded", num_prompts: int = 240, seed: int = 0, steps: int = 25,
-                       guidance_scale: float | None = None, batch_size: int = 60, progress: bool = True,
-                       device: str | None = None) -> dict[str, Any]:
-    """Generate ``num_prompts`` images for balanced full captions (seeds seed + i) and score adherence.
-
-    ``model`` is "embedded", a diffusers folder, a hub id or an already-loaded pipeline.
-    Returns ``{"color_acc", "shape_acc", "background_acc", "mean_acc", "n", "model"}``.
-    """
-    from diffpref.world.make_data import generate_in_batches, world_pipeline
-
-    if num_prompts < 1:
-        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
-    pipe, model_name = world_pipeline(model, device)
-    captions = balanced_captions(num_prompts)
-    seeds = [seed + i for i in range(num_prompts)]
-    batches = [images for _, images in generate_in_batches(pipe, captions, seeds, steps, guidance_scale, batch_size,
-                                                           progress, desc="world-eval")]
-    result: dict[str, Any] = adherence_of(np.concatenate(batches), captions)
-    result["model"] = model_name
     return result
 
 

@@ -1,6 +1,6 @@
 """Interpolating between two users: mix their embeddings and watch each one's oracle reward move.
 
-    python -m diffpref.personalize.interpolation --adapter embedded-ppd --users configs/users/opposites.json \
+    python -m diffpref.experiments.interpolation --adapter embedded-ppd --users configs/users/opposites.json \
         --out interpolation.json
 
 For mix weights w in 0, 0.25, 0.5, 0.75, 1 the tokens are (1 - w) * first + w * second; the same
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from diffpref.personalize.encoder import mix_embeddings
-from diffpref.personalize.world_eval import generate_personalized, as_examples, draw_pairs
+from diffpref.experiments.ppd_eval import generate_personalized, as_examples, draw_pairs
 from diffpref.world.detector import detect_batch, feature_matrix
-from diffpref.world.preference_eval import eval_prompts
+from diffpref.experiments.preference_eval import eval_prompts
 from diffpref.world.users import load_users, oracle_reward
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)

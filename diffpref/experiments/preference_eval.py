@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffpref.experiments.make_data import generate_in_batches, world_pipeline
+from diffpref.models.loading import load_adapter
 from diffpref.world.captions import sample_prompt
 from diffpref.world.ceiling import ceiling_win_rate
 from diffpref.world.detector import detect_batch, feature_matrix
-from diffpref.world.evaluate import adherence_of, win_rate
-from diffpref.world.make_data import generate_in_batches, world_pipeline
+from diffpref.world.metrics import adherence_of, win_rate
 from diffpref.world.users import WorldUser, load_users, oracle_reward
 
 
@@ -41,23 +42,6 @@ def generate_world_images(pipe, prompts: Sequence[str], seeds: Sequence[int], st
     """
     return np.concatenate([images for _, images in generate_in_batches(pipe, prompts, seeds, steps, guidance_scale,
                                                                       batch_size, progress, desc, **image_kwargs)])
-
-
-def load_adapter(pipe, adapter: str | os.PathLike):
-    """Apply a trained adapter: a diffusers LoRA folder/file, or a full UNet folder (``unet/`` or the UNet itself)."""
-    path = Path(adapter)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter {adapter} does not exist")
-    if path.is_file() or (path / "pytorch_lora_weights.safetensors").exists():
-        pipe.load_lora_weights(str(path))
-        return pipe
-    unet_dir = path / "unet" if (path / "unet" / "config.json").exists() else path
-    if (unet_dir / "config.json").exists():
-        from diffusers import UNet2DConditionModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=pipe.unet.dtype).to(pipe.device)
-        return pipe
-    raise FileNotFoundError(f"{adapter} holds neither pytorch_lora_weights.safetensors nor a UNet config.json")
 
 
 def compare(tuned: np.ndarray, base: np.ndarray, prompts: Sequence[str], users: Sequence[WorldUser]) -> dict[str, Any]:
