@@ -198,7 +198,7 @@ def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
         TrainConfig()
     cfg = load_config(TrainConfig, REPO / "configs" / "embedded_dpo.yaml", ["max_train_steps=7", "beta=2500.5"])
     assert cfg.max_train_steps == 7 and cfg.beta == 2500.5 and isinstance(cfg.beta, float)
-    for bad, message in (("ppd_anchors=-1", "ppd_anchors"), ("ppd_value_init_scale=0", "ppd_value_init_scale"),
+    for bad, message in (("ppd_shots_min=0", "ppd_shots_min"), ("ppd_value_init_scale=0", "ppd_value_init_scale"),
                          ("ppd_attention_lr=-0.1", "ppd_attention_lr")):
         with pytest.raises(ValueError, match=message):
             load_config(TrainConfig, None, [f"data_path={manifest}", "method=ppd", bad])
@@ -206,10 +206,11 @@ def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
 
 
 @pytest.mark.parametrize("name", ["embedded_dpo", "embedded_inpo", "embedded_kto", "embedded_mapo", "embedded_ppd",
-                                  "embedded_ppd_pool", "embedded_ppd_set", "embedded_ppd_online", "sd15_dpo", "sd15_inpo", "sdxl_dpo", "sdxl_inpo", "sd15_ppd", "sdxl_ppd"])
+                                  "embedded_ppd_online", "sd15_dpo", "sd15_inpo", "sdxl_dpo", "sdxl_inpo", "sd15_ppd", "sdxl_ppd"])
 def test_shipped_configs_parse(name):
     cfg = load_config(TrainConfig, REPO / "configs" / f"{name}.yaml")
-    assert cfg.method in name
+    # PPD configs are `method: dpo` plus a `ppd:` section (conditioning: ppd)
+    assert cfg.method in name or (cfg.method == "dpo" and cfg.conditioning == "ppd" and name.endswith(("_ppd", "_ppd_online")))
 
 
 @pytest.mark.slow
@@ -218,7 +219,7 @@ def test_two_processes_give_the_same_loss_curve_as_one(tmp_path, tiny_sd15_dir, 
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     common = [f"model={tiny_sd15_dir}", f"data_path={manifest}", "max_train_steps=3", "report_to=none",
               f"cache_dir={tmp_path / 'cache'}", "learning_rate=1e-2", "lora_rank=4", "checkpointing_steps=0", "threads=1",
-              "lr_warmup_steps=0"]
+              "lr_warmup_steps=0", "eval_world=false"]
     script = str(REPO / "train" / "train.py")
     config = str(REPO / "configs" / "embedded_dpo.yaml")
     subprocess.run([sys.executable, script, "--config", config, *common, f"output_dir={tmp_path / 'one'}",
@@ -239,3 +240,99 @@ def test_two_processes_give_the_same_loss_curve_as_one(tmp_path, tiny_sd15_dir, 
     subprocess.run([sys.executable, script, "--config", config, *common, f"output_dir={tmp_path / 'other'}",
                     "train_batch_size=4", "eval_every=0", "seed=1"], check=True, env=env, cwd=tmp_path)
     assert not np.allclose(one, curve("other"), rtol=5e-4, atol=0)
+
+
+class _TokenConditioner:
+    """A toy conditioner: one learned token appended to the prompt; the reference drops it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def setup(self, cfg, unet, cache, accelerator, tokenizer):
+        dim = int(unet.config.cross_attention_dim)
+        self.token = torch.nn.Linear(1, dim, bias=False)  # its weight is the token
+        torch.nn.init.normal_(self.token.weight, std=0.1)
+        self.initial = self.token.weight.detach().clone()
+        self.frozen_unet = not any(p.requires_grad for p in unet.parameters())
+        self.calls.append("setup")
+        return [{"params": list(self.token.parameters()), "lr": 0.05, "name": "token"}]
+
+    @property
+    def modules(self):
+        return [self.token]
+
+    def bind(self, modules):
+        (self.token,) = modules
+        self.calls.append("bind")
+
+    def condition(self, prompt_embeds, indices, generators):
+        token = self.token.weight.T.unsqueeze(0).expand(prompt_embeds.shape[0], 1, -1)
+        return torch.cat([prompt_embeds, token.to(prompt_embeds.dtype)], dim=1)
+
+    def without_user(self, prompt_embeds):
+        return prompt_embeds[:, :-1]
+
+    def export(self, unet, output_dir):
+        self.calls.append("export")
+        path = Path(output_dir) / "token.pt"
+        torch.save(self.token.weight.detach(), path)
+        return path
+
+
+class _HistoryReader:
+    """A toy evaluator that reads history.jsonl when called: the steps before it must be on disk."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.seen, self.attached = Path(out_dir), {}, []
+
+    def attach(self, unet, pipeline_class, resolution):
+        self.attached.append((type(unet).__name__, pipeline_class.__name__, resolution))
+
+    def __call__(self, step):
+        lines = (self.out_dir / "history.jsonl").read_text().splitlines()
+        self.seen[step] = [json.loads(line)["step"] for line in lines]
+        return {"toy_metric": float(step)}
+
+
+def test_conditioner_and_evaluator_are_called_as_the_protocol_says(tmp_path, tiny_sd15_dir, manifest):
+    conditioner, evaluator = _TokenConditioner(), _HistoryReader(tmp_path / "out")
+    summary = train(_cfg(tmp_path, tiny_sd15_dir, manifest, lora_rank=0, eval_every=2), conditioner, evaluator)
+    assert conditioner.calls == ["setup", "bind", "export"] and conditioner.frozen_unet
+    moved = (conditioner.token.weight.detach().cpu() - conditioner.initial).abs().max()
+    assert moved > 1e-3  # the conditioner's own module trained at its own learning rate
+    assert not (tmp_path / "out" / "unet").exists() and (tmp_path / "out" / "token.pt").exists()
+    assert evaluator.attached == [("UNet2DConditionModel", "StableDiffusionPipeline", 32)]
+    # history.jsonl grows as training goes: at step 2 (eval_every) it already holds steps 1 and 2 (this
+    # step's line is written after its evaluation); the final call sees all 4
+    assert evaluator.seen == {2: [1], 4: [1, 2, 3, 4]}
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and history[1]["toy_metric"] == 2.0
+    assert all(h["token_lr"] == 0.05 for h in history) and summary["eval"] == {"toy_metric": 4.0}
+
+
+def test_resumed_run_rewrites_history_from_its_checkpoint(tmp_path, tiny_sd15_dir, manifest):
+    train(_cfg(tmp_path, tiny_sd15_dir, manifest, max_train_steps=3, checkpointing_steps=2))
+    # as if it had crashed after logging step 3 but before saving it: resumed from step 2, it trains step 3 again
+    summary = train(_cfg(tmp_path, tiny_sd15_dir, manifest, max_train_steps=4, checkpointing_steps=2,
+                         resume_from=str(tmp_path / "out" / "checkpoints" / "checkpoint-2")))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and summary["steps"] == 4
+
+
+def test_a_conditioning_config_without_its_conditioner_is_refused(tmp_path, tiny_sd15_dir, manifest):
+    with pytest.raises(ValueError, match="build_parts"):
+        train(_cfg(tmp_path, tiny_sd15_dir, manifest, conditioning="ppd", lora_rank=0))
+
+
+def test_build_parts_evaluates_on_world_data_only_when_asked(tmp_path, manifest):
+    from diffpref.launch import build_parts
+
+    cfg = lambda **kw: TrainConfig(data_path=str(manifest), **kw)  # noqa: E731
+    assert build_parts(cfg()) == (None, None)  # no users.json beside the data, and eval_world is off
+    with pytest.raises(FileNotFoundError, match="users.json"):
+        build_parts(cfg(eval_world=True))
+    users = tmp_path / "users.json"
+    users.write_text((REPO / "configs" / "users" / "red_large.json").read_text())
+    assert build_parts(cfg(eval_world=True, eval_users=str(users), eval_prompts=0)) == (None, None)
+    conditioner, evaluator = build_parts(cfg(eval_world=True, eval_users=str(users), eval_prompts=3))
+    assert conditioner is None and len(evaluator.prompts) == 3 and hasattr(evaluator, "attach")

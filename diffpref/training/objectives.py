@@ -1,15 +1,33 @@
-"""Each training objective as one function: a batch in, a per-sample loss and metrics out.
+"""The training objectives, as a registry: a batch in, a per-sample loss and metrics out.
 
-The trainer owns the loop (data, optimizer, checkpoints); these functions own the diffusion
+The trainer owns the loop (data, optimizer, checkpoints); an objective owns the diffusion
 arithmetic (noising, targets, which passes run with or without the reference). ``policy`` and
 ``reference`` are callables ``(x_t, t, cond) -> model output`` so the same code serves LoRA (one
 UNet, adapters switched off for the reference) and full fine-tuning (a frozen copy).
+
+Adding an objective is one function and one ``register_objective`` call, here or in your own
+module imported before the config is built::
+
+    def my_objective(x: ObjectiveInputs) -> ObjectiveOutput:
+        winner = preferred(x.batch)                        # pairs: latents_0, latents_1, label; cond
+        x_t = x.schedule.add_noise(winner, x.noise, x.t)
+        err = losses.per_sample_mse(x.policy(x_t, x.t, x.batch["cond"]), x.schedule.target(winner, x.noise, x.t))
+        return ObjectiveOutput(err, {"model_err": float(err.detach().mean())})
+
+    register_objective("mine", my_objective, default_beta=1.0, data="pairs", uses_reference=False)
+
+``method: mine`` then trains it: ``TrainConfig`` validates ``method`` against this registry and takes
+``beta``'s default from it, the cache holds pairs (``data="pairs"``: latents_0, latents_1, label)
+or single rated images (``data="ratings"``: latents, liked), and ``x.reference`` is None unless
+``uses_reference`` (the trainer then keeps no frozen copy for full fine-tuning). An objective that
+needs a setting of its own reads it from ``x.cfg`` (a ``TrainConfig`` field, e.g. ``cfg.kto_desirable_weight``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,6 +35,7 @@ from diffpref import losses
 from diffpref.inversion import ddim_invert
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+DATA_KINDS = ("pairs", "ratings")
 
 
 @dataclass
@@ -57,6 +76,60 @@ class NoiseSchedule:
         return a.sqrt() * output + (1 - a).sqrt() * x_t
 
 
+@dataclass
+class ObjectiveInputs:
+    """Everything one objective call sees: one micro-batch, the two models, its noise and timesteps."""
+
+    batch: dict                             # pairs: latents_0, latents_1, label; ratings: latents, liked; both: cond
+    policy: Denoiser
+    reference: Denoiser | None              # None when the objective does not use one
+    schedule: NoiseSchedule
+    noise: torch.Tensor                     # [B, C, h, w], shared by both images of a pair
+    t: torch.Tensor                         # [B]
+    cfg: Any                                # the TrainConfig: beta and the objective's own settings
+    generator: torch.Generator | None = None  # randomness of the objective itself (InPO's inversion with eta > 0)
+
+    @property
+    def beta(self) -> float:
+        return self.cfg.beta
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    fn: Callable[[ObjectiveInputs], ObjectiveOutput]
+    default_beta: float
+    data: str = "pairs"                     # what the cache holds: "pairs" or "ratings" (single liked/disliked images)
+    uses_reference: bool = True             # whether fn reads x.reference (a frozen copy or the adapters-off pass)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str, fn: Callable[[ObjectiveInputs], ObjectiveOutput], *, default_beta: float,
+                       data: str = "pairs", uses_reference: bool = True) -> Objective:
+    """Make ``method: <name>`` train ``fn``; returns the entry. Re-registering a name replaces it."""
+    if data not in DATA_KINDS:
+        raise ValueError(f"data={data!r}: an objective trains on one of {', '.join(DATA_KINDS)}")
+    OBJECTIVES[name] = Objective(name, fn, float(default_beta), data, uses_reference)
+    return OBJECTIVES[name]
+
+
+def get_objective(name: str) -> Objective:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"method={name!r} is not a registered objective; choose one of "
+                         f"{', '.join(OBJECTIVES)}") from None
+
+
+def preferred(batch: dict) -> torch.Tensor:
+    """The preferred image of each pair (label >= 0.5 means image 0 won)."""
+    first = (batch["label"] >= 0.5).view(-1, *([1] * (batch["latents_0"].dim() - 1)))
+    return torch.where(first, batch["latents_0"], batch["latents_1"])
+
+
+# ----------------------------------------------------------------------------- pairs
 def _double(cond: dict) -> dict:
     return {k: torch.cat([v, v]) for k, v in cond.items()}
 
@@ -72,72 +145,103 @@ def _winner_first(e0, e1, label):
     return torch.where(first, e0, e1), torch.where(first, e1, e0)
 
 
-def _dpo_metrics(mw, ml, rw, rl, beta) -> dict[str, float]:
-    return {k: float(v) for k, v in losses.dpo_metrics(mw, ml, rw, rl, beta).items()}
+@dataclass
+class _Pairs:
+    """Both images of every pair as one batch [2B]: winner and loser share t and the noise."""
+
+    x0: torch.Tensor
+    x_t: torch.Tensor
+    t2: torch.Tensor
+    cond2: dict
+    target: torch.Tensor
+    extra_forward_passes: int = 0
 
 
-def paired_preference(batch: dict, policy: Denoiser, reference: Denoiser | None, schedule: NoiseSchedule,
-                      noise: torch.Tensor, t: torch.Tensor, beta: float, method: str,
-                      inversion_steps: int = 10, inversion_eta: float = 0.0,
-                      generator: torch.Generator | None = None, inversion_model: str = "reference") -> ObjectiveOutput:
-    """DPO, InPO, MaPO and SFT on a batch of pairs; winner and loser share t and the noise."""
-    x0 = torch.cat([batch["latents_0"], batch["latents_1"]])
-    t2, cond2, label = torch.cat([t, t]), _double(batch["cond"]), batch["label"]
-    extra = 0
-    if method == "inpo":
-        # DDIM-InPO: the latent at t is reached by DDIM inversion of x0, so it is a latent that really
-        # maps back to x0; its implied noise eps* is the regression target. Inverting with the frozen
-        # reference keeps (x_t, eps*) fixed per image; inverting with the policy makes the target
-        # follow the policy, which lets the loss fall by moving the reference's error instead.
-        inverter = reference if inversion_model == "reference" else policy
-        with torch.no_grad():
-            inv = ddim_invert(lambda x, s: schedule.eps_from_output(inverter(x, s, cond2), x, s), x0, t2,
-                              schedule.alphas_cumprod, num_steps=inversion_steps, eta=inversion_eta, generator=generator)
-        x_t, eps = inv.x_t, inv.eps_star
-        extra = inv.forward_passes
-    else:
-        eps = torch.cat([noise, noise])
-        x_t = schedule.add_noise(x0, eps, t2)
-    target = schedule.target(x0, eps, t2)
+def _forward_noised(x: ObjectiveInputs) -> _Pairs:
+    x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
+    t2, eps = torch.cat([x.t, x.t]), torch.cat([x.noise, x.noise])
+    return _Pairs(x0, x.schedule.add_noise(x0, eps, t2), t2, _double(x.batch["cond"]), x.schedule.target(x0, eps, t2))
 
-    if method == "sft":
-        # Only the preferred image is a training example; the other half of the pass is wasted, so skip it.
-        winner = torch.where((label >= 0.5).view(-1, *([1] * (x0.dim() - 1))), batch["latents_0"], batch["latents_1"])
-        x_w = schedule.add_noise(winner, noise, t)
-        err = losses.per_sample_mse(policy(x_w, t, batch["cond"]), schedule.target(winner, noise, t))
-        return ObjectiveOutput(losses.sft_loss(err), {"model_err": float(err.detach().mean())})
 
-    m0, m1 = _pair_errors(policy, x_t, t2, cond2, target)
-    if method == "mapo":
-        mw, ml = _winner_first(m0, m1, label)
-        loss = losses.mapo_loss(mw, ml, beta)
-        margin = (mw - ml).detach()
-        return ObjectiveOutput(loss, {"model_margin": float(margin.mean()), "implicit_acc": float((margin < 0).float().mean())}, extra)
-
+def _inverted(x: ObjectiveInputs) -> _Pairs:
+    """DDIM-InPO's latents: x_t is the DDIM inversion of x0, so it really maps back to x0; its implied
+    noise eps* is the regression target. Inverting with the frozen reference keeps (x_t, eps*) fixed per
+    image; inverting with the policy makes the target follow the policy, which lets the loss fall by
+    moving the reference's error instead."""
+    x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
+    t2, cond2 = torch.cat([x.t, x.t]), _double(x.batch["cond"])
+    inverter = x.reference if x.cfg.inversion_model == "reference" else x.policy
     with torch.no_grad():
-        r0, r1 = _pair_errors(reference, x_t, t2, cond2, target)
-    loss_fn = losses.inpo_loss if method == "inpo" else losses.diffusion_dpo_loss
+        inv = ddim_invert(lambda z, s: x.schedule.eps_from_output(inverter(z, s, cond2), z, s), x0, t2,
+                          x.schedule.alphas_cumprod, num_steps=x.cfg.inversion_steps, eta=x.cfg.inversion_eta,
+                          generator=x.generator)
+    return _Pairs(x0, inv.x_t, t2, cond2, x.schedule.target(x0, inv.eps_star, t2), inv.forward_passes)
+
+
+def _logistic_preference(x: ObjectiveInputs, pairs: _Pairs, loss_fn) -> ObjectiveOutput:
+    """DPO's logistic loss on the policy's and the reference's errors of both images."""
+    label = x.batch["label"]
+    m0, m1 = _pair_errors(x.policy, pairs.x_t, pairs.t2, pairs.cond2, pairs.target)
+    with torch.no_grad():
+        r0, r1 = _pair_errors(x.reference, pairs.x_t, pairs.t2, pairs.cond2, pairs.target)
     # Soft labels weight the two orientations of the pair (label 1 or 0 gives the plain loss).
-    loss = label * loss_fn(m0, m1, r0, r1, beta) + (1 - label) * loss_fn(m1, m0, r1, r0, beta)
+    loss = label * loss_fn(m0, m1, r0, r1, x.beta) + (1 - label) * loss_fn(m1, m0, r1, r0, x.beta)
     mw, ml = _winner_first(m0, m1, label)
     rw, rl = _winner_first(r0, r1, label)
-    return ObjectiveOutput(loss, _dpo_metrics(mw, ml, rw, rl, beta), extra)
+    metrics = {k: float(v) for k, v in losses.dpo_metrics(mw, ml, rw, rl, x.beta).items()}
+    return ObjectiveOutput(loss, metrics, pairs.extra_forward_passes)
 
 
-def kto(batch: dict, policy: Denoiser, reference: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
-        t: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> ObjectiveOutput:
-    """Diffusion-KTO on single images liked (1) or disliked (0)."""
-    x0 = batch["latents"]
-    x_t = schedule.add_noise(x0, noise, t)
-    target = schedule.target(x0, noise, t)
-    model_err = losses.per_sample_mse(policy(x_t, t, batch["cond"]), target)
+def dpo(x: ObjectiveInputs) -> ObjectiveOutput:
+    """Diffusion-DPO (Wallace et al. 2023) on forward-noised pairs."""
+    return _logistic_preference(x, _forward_noised(x), losses.diffusion_dpo_loss)
+
+
+def inpo(x: ObjectiveInputs) -> ObjectiveOutput:
+    """DDIM-InPO (Lu et al. 2025): the DPO loss at DDIM-inverted latents against their implied noise."""
+    return _logistic_preference(x, _inverted(x), losses.inpo_loss)
+
+
+def mapo(x: ObjectiveInputs) -> ObjectiveOutput:
+    """MaPO (Hong et al. 2024): reference-free, the winner's error plus a log-odds margin."""
+    pairs = _forward_noised(x)
+    m0, m1 = _pair_errors(x.policy, pairs.x_t, pairs.t2, pairs.cond2, pairs.target)
+    mw, ml = _winner_first(m0, m1, x.batch["label"])
+    margin = (mw - ml).detach()
+    return ObjectiveOutput(losses.mapo_loss(mw, ml, x.beta),
+                           {"model_margin": float(margin.mean()), "implicit_acc": float((margin < 0).float().mean())})
+
+
+def sft(x: ObjectiveInputs) -> ObjectiveOutput:
+    """Supervised fine-tuning on the preferred image of each pair (the baseline); the loser is never run."""
+    winner = preferred(x.batch)
+    err = losses.per_sample_mse(x.policy(x.schedule.add_noise(winner, x.noise, x.t), x.t, x.batch["cond"]),
+                                x.schedule.target(winner, x.noise, x.t))
+    return ObjectiveOutput(losses.sft_loss(err), {"model_err": float(err.detach().mean())})
+
+
+# ----------------------------------------------------------------------------- ratings
+def kto(x: ObjectiveInputs) -> ObjectiveOutput:
+    """Diffusion-KTO (Li et al. 2024) on single images liked (1) or disliked (0)."""
+    x0, cond = x.batch["latents"], x.batch["cond"]
+    x_t, target = x.schedule.add_noise(x0, x.noise, x.t), x.schedule.target(x0, x.noise, x.t)
+    model_err = losses.per_sample_mse(x.policy(x_t, x.t, cond), target)
     with torch.no_grad():
-        ref_err = losses.per_sample_mse(reference(x_t, t, batch["cond"]), target)
+        ref_err = losses.per_sample_mse(x.reference(x_t, x.t, cond), target)
     kl_ref = losses.kto_reference_point(model_err, ref_err)
-    liked = batch["liked"] > 0.5
-    loss = losses.kto_loss(model_err, ref_err, liked, beta, kl_ref, desirable_weight, undesirable_weight)
+    liked = x.batch["liked"] > 0.5
+    loss = losses.kto_loss(model_err, ref_err, liked, x.beta, kl_ref, x.cfg.kto_desirable_weight,
+                           x.cfg.kto_undesirable_weight)
     reward = (ref_err - model_err).detach()
     metrics = {"kl_ref": float(kl_ref),
                "reward_liked": float(reward[liked].mean()) if liked.any() else 0.0,
                "reward_disliked": float(reward[~liked].mean()) if (~liked).any() else 0.0}
     return ObjectiveOutput(loss, metrics)
+
+
+# Betas in the -beta/2 form of diffusion_dpo_loss: the papers' settings for SD1.5.
+register_objective("dpo", dpo, default_beta=5000.0)
+register_objective("inpo", inpo, default_beta=2000.0)
+register_objective("kto", kto, default_beta=1000.0, data="ratings")
+register_objective("mapo", mapo, default_beta=0.1, uses_reference=False)
+register_objective("sft", sft, default_beta=0.0, uses_reference=False)
