@@ -201,6 +201,7 @@ def test_active_pairs_come_from_one_prompt_and_are_the_most_informative_across_p
 def adapter_dir(tmp_path_factory, tiny_sd15_dir):
     """A 3-step PPD adapter on the tiny SD1.5 pipeline with a random world CLIP (as in test_ppd.py)."""
     from diffpref.models.world_clip import build_world_clip, save_world_clip
+    from diffpref.launch import build_parts
     from diffpref.training.config import TrainConfig
     from diffpref.training.trainer import train
     from diffpref.world.render import render, sample_attributes
@@ -217,10 +218,11 @@ def adapter_dir(tmp_path_factory, tiny_sd15_dir):
             lines.append({"prompt": "a shape", "image_0": f"{u}_{i}_a.png", "image_1": f"{u}_{i}_b.png",
                           "label": 1.0, "user_id": f"user{u}"})
     (root / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    train(TrainConfig(method="ppd", model=str(tiny_sd15_dir), data_path=str(root / "pairs.jsonl"),
+    cfg = TrainConfig(method="ppd", model=str(tiny_sd15_dir), data_path=str(root / "pairs.jsonl"),
                       output_dir=str(root / "out"), max_train_steps=3, train_batch_size=4, learning_rate=1e-2,
                       lora_rank=0, checkpointing_steps=10, report_to="none", cache_dir=str(root / "cache"),
-                      ppd_backbone=str(clip_dir), ppd_num_tokens=2, ppd_shots_max=3, ppd_hidden=16, threads=1))
+                      ppd_backbone=str(clip_dir), ppd_num_tokens=2, ppd_shots_max=3, ppd_hidden=16, threads=1)
+    train(cfg, *build_parts(cfg))
     return root / "out"
 
 
@@ -375,14 +377,28 @@ def test_twenty_clients_rating_concurrently_lose_and_duplicate_nothing(tmp_path,
         service.close()
 
 
-def test_cli_app_parser_and_entry_point():
+def test_cli_app_parser_and_entry_point(monkeypatch):
+    from diffpref.app import server
+    from diffpref.app.config import AppConfig, config_from_args
     from diffpref.cli import build_parser
 
     args = build_parser().parse_args(["app", "--db", "x.db", "--pair-mode", "random", "--port", "7999"])
     assert args.db == "x.db" and args.pair_mode == "random" and args.port == 7999 and args.host == "127.0.0.1"
     assert args.model == "embedded" and args.adapter == "embedded-ppd" and args.auth is None
-    from diffpref.app.server import config_from_args
-
     config = config_from_args(build_parser().parse_args(["app", "--pair-steps", "9", "--candidate-prompts", "3"]))
     assert (config.pair_steps, config.candidates, config.candidate_prompts, config.pair_mode) == (9, 4, 3, "active")
+    # Flag defaults are AppConfig's defaults: the two cannot drift apart.
+    assert config_from_args(build_parser().parse_args(["app"])) == AppConfig()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["app", "--pair-images", "photo"])  # choices come from the config too
+
+    # `python apps/app.py` (server.main) parses the same flags as `diffpref app`, without the CLI.
+    seen = []
+    monkeypatch.setattr(server, "run", lambda a: seen.append(a) or 0)
+    argv = ["--db", "x.db", "--pair-mode", "random", "--port", "7999", "--steps", "3", "--auth", "a.json"]
+    assert server.main(argv) == 0
+    assert vars(seen[0]) == {k: v for k, v in vars(build_parser().parse_args(["app", *argv])).items()
+                             if k not in ("command", "func")}
+    monkeypatch.setattr(server, "run", lambda a: (_ for _ in ()).throw(ValueError("no such adapter")))
+    assert server.main([]) == 2  # errors are reported as `diffpref app` reports them
     assert os.path.exists(os.path.join(os.path.dirname(__file__), "..", "apps", "app.py"))

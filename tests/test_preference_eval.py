@@ -45,9 +45,37 @@ def test_load_adapter_errors(tmp_path, tiny_sd15_dir):
         load_adapter(pipe, tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="neither"):
         load_adapter(pipe, tmp_path)
-    # A full UNet folder is swapped in.
-    pipe.unet.save_pretrained(tmp_path / "tuned" / "unet")
-    assert load_adapter(pipe, tmp_path / "tuned").unet is not None
+    # A full UNet folder is swapped in: the pipeline then holds the saved (changed) weights.
+    import torch
+
+    tuned = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir).unet
+    with torch.no_grad():
+        tuned.conv_out.bias.add_(1.0)
+    tuned.save_pretrained(tmp_path / "tuned" / "unet")
+    before = pipe.unet.conv_out.bias.detach().clone()
+    loaded = load_adapter(pipe, tmp_path / "tuned").unet.conv_out.bias.detach()
+    assert torch.equal(loaded, before + 1.0)
+
+
+def test_training_evaluator_attach_then_call(tiny_sd15_dir):
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from diffpref.experiments.preference_eval import TrainingEvaluator
+
+    users = [WorldUser("r", {"color:red": 1.0}), WorldUser("b", {"color:blue": 1.0})]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    cfg = SimpleNamespace(model=pipe, eval_prompts=3, seed=0, eval_sampling_steps=1)
+    evaluator = TrainingEvaluator(cfg, users)
+    with pytest.raises(RuntimeError, match="attach"):
+        evaluator(0)
+    training_unet = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir).unet.train()
+    evaluator.attach(training_unet, type(pipe), 64)
+    result = evaluator(1)
+    # The training UNet equals the base one: every image ties, and the pipeline and the UNet are given back.
+    assert result["win_rate_vs_base"] == 0.5 and result["adherence"] == result["base_adherence"]
+    assert pipe.unet is not training_unet and training_unet.training
 
 
 def test_world_eval_cli_with_adapter(tmp_path, tiny_sd15_dir, capsys):

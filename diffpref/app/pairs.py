@@ -28,8 +28,8 @@ from itertools import combinations
 
 import numpy as np
 
-PAIR_MODES = ("active", "random")
-DEFAULT_PRIOR_STD = 4.0
+from diffpref.app.config import DEFAULT_PRIOR_STD, PAIR_MODES
+
 DEFAULT_SAMPLES = 64
 
 

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,10 +49,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from diffpref.app.config import APP_HELP, add_app_arguments, config_from_args  # noqa: E402
 from diffpref.app.service import (  # noqa: E402
     MAX_SEED,
     MAX_USER_SCALE,
-    AppConfig,
     RatingConflictError,
     RatingService,
     to_png,
@@ -363,12 +364,6 @@ def launch_app(service: RatingService, host: str = "127.0.0.1", port: int | None
 
 
 # ----------------------------------------------------------------------------- command line
-def config_from_args(args: argparse.Namespace) -> AppConfig:
-    return AppConfig(model=args.model, adapter=args.adapter, db=args.db, pair_mode=args.pair_mode,
-                     pair_images=args.pair_images, steps=args.steps, device=args.device,
-                     pair_steps=args.pair_steps, candidates=args.candidates, candidate_prompts=args.candidate_prompts)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("open mode on %s: anyone who reaches this port can act as any user; use --auth FILE", args.host)
@@ -385,7 +380,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python apps/app.py [flags]``: the same flags as ``diffpref app``."""
-    from diffpref.cli import main as cli_main
-
-    return cli_main(["app", *(argv if argv is not None else __import__("sys").argv[1:])])
+    """``python apps/app.py [flags]``: the same flags as ``diffpref app`` (both from ``config.add_app_arguments``)."""
+    parser = add_app_arguments(argparse.ArgumentParser(prog="diffpref app", description=APP_HELP))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # as `diffpref app` reports them
+        print(f"diffpref: error: {exc}", file=sys.stderr)
+        return 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,18 +80,34 @@ def evaluate_preference(model: Any = "embedded", adapter: str | os.PathLike | No
 
 
 class TrainingEvaluator:
-    """Evaluation during training: base images made once, the training UNet swapped in for each call."""
+    """Evaluation during training: base images made once, the training UNet swapped in for each call.
 
-    def __init__(self, cfg, unet, users_file: Path, progress: bool = False):
-        self.unet, self.cfg, self.progress = unet, cfg, progress
-        self.users = load_users(users_file)
+    The trainer's evaluator (``diffpref.launch.build_parts`` makes it when ``eval_world`` is set):
+    ``attach`` once on the main process, then ``evaluator(step)`` returns the oracle win rate against
+    the base model and the prompt adherence of both.
+    """
+
+    def __init__(self, cfg, users: str | os.PathLike | Sequence[WorldUser], progress: bool = False):
+        self.cfg, self.progress = cfg, progress
+        self.users = load_users(users) if isinstance(users, (str, os.PathLike)) else list(users)
         self.prompts, self.seeds = eval_prompts(cfg.eval_prompts, cfg.seed)
-        self.pipe, _ = world_pipeline(cfg.model, device=str(unet.device))
-        self.base = generate_world_images(self.pipe, self.prompts, self.seeds, cfg.eval_sampling_steps, None, 100,
-                                          progress, "base")
+        self.unet = self.pipe = self.base = None
+
+    def attach(self, unet, pipeline_class=None, resolution: int | None = None) -> None:
+        """Load the base pipeline beside the training UNet and generate the base images once.
+
+        ``pipeline_class`` and ``resolution`` are part of the trainer's evaluator interface; the world
+        pipeline is loaded by model name (its own class) and generates at its native 64 px.
+        """
+        self.unet = unet
+        self.pipe, _ = world_pipeline(self.cfg.model, device=str(unet.device))
+        self.base = generate_world_images(self.pipe, self.prompts, self.seeds, self.cfg.eval_sampling_steps, None, 100,
+                                          self.progress, "base")
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float]:
+        if self.unet is None:
+            raise RuntimeError("TrainingEvaluator.attach(unet, ...) must be called before evaluating")
         base_unet, was_training = self.pipe.unet, self.unet.training
         self.pipe.unet = self.unet.eval()
         try:
