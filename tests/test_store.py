@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffpref.app import store as store_module
+from diffpref.app import validation
 from diffpref.app.store import NotFoundError, RatingConflictError, RatingStore
 from diffpref.cli import main
 from diffpref.data import (
@@ -150,7 +150,7 @@ def test_input_validation(store: RatingStore, monkeypatch) -> None:
         store.add_image("alice", "p", b"\xff\xd8\xff\xe0 a jpeg", "m", 0)
     with pytest.raises(ValueError, match="not a readable PNG"):
         store.add_image("alice", "p", png((1, 2, 3))[:20], "m", 0)
-    monkeypatch.setattr(store_module, "MAX_PNG_BYTES", 10)
+    monkeypatch.setattr(validation, "MAX_PNG_BYTES", 10)
     with pytest.raises(ValueError, match="the limit is 10"):
         store.add_image("alice", "p", png((1, 2, 3)), "m", 0)
     monkeypatch.undo()

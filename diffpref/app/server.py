@@ -57,7 +57,8 @@ from diffpref.app.service import (  # noqa: E402
     RatingService,
     to_png,
 )
-from diffpref.app.store import USER_ID_PATTERN, NotFoundError  # noqa: E402
+from diffpref.app.store import NotFoundError  # noqa: E402
+from diffpref.app.validation import USER_ID_PATTERN  # noqa: E402
 
 log = logging.getLogger(__name__)
 

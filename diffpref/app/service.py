@@ -31,7 +31,7 @@ from diffpref.app.config import AppConfig
 from diffpref.app.pairs import all_pairs, fit_posterior, select_pair
 from diffpref.app.profile import CLIP_PROBE_PROMPTS, WORLD_PROBE_PROMPTS, clip_profile, world_profile
 from diffpref.app.store import RatingConflictError, RatingStore
-from diffpref.data.ratings_db import CHOICES
+from diffpref.app.validation import check_choice
 from diffpref.personalize.backbones import UserExample
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,6 @@ def check_scale(scale: Any) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= MAX_USER_SCALE:
         raise ValueError(f"user scale must be a number in [0, {MAX_USER_SCALE}], got {scale!r}")
     return float(scale)
-
-
-def check_choice(choice: Any) -> str:
-    if choice not in CHOICES:
-        raise ValueError(f"unknown choice {choice!r}; valid choices are {', '.join(CHOICES)}")
-    return choice
 
 
 def to_png(image: Image.Image | np.ndarray) -> bytes:

@@ -15,46 +15,31 @@ app must pass the *authenticated* user id, never one taken from the request.
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import re
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-from PIL import Image
+from diffpref.app.validation import (
+    MAX_DISPLAY_NAME_CHARS,
+    MAX_MODEL_CHARS,
+    MAX_PASSWORD_HASH_CHARS,
+    MAX_PROMPT_CHARS,
+    check_choice,
+    check_id,
+    check_png,
+    check_seed,
+    check_text,
+    check_user_id,
+)
+from diffpref.data.ratings_db import CHOICE_LABELS, SCHEMA_SQL, SCHEMA_VERSION
 
-from diffpref.data.images import DEFAULT_MAX_PIXELS
-from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid, pickapic_schema
-from diffpref.data.ratings_db import CHOICE_LABELS, CHOICES, PREFERENCE_ROWS_SQL, SCHEMA_SQL, SCHEMA_VERSION
-
-# Input limits: generous for real use, tight enough that one request cannot bloat the database.
-USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-MAX_DISPLAY_NAME_CHARS = 80
-MAX_PROMPT_CHARS = 500
-MAX_MODEL_CHARS = 200
-MAX_PASSWORD_HASH_CHARS = 512
-MAX_PNG_BYTES = 16 * 1024 * 1024
-MAX_PNG_PIXELS = DEFAULT_MAX_PIXELS
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Image and pair ids are uuid4 hex strings minted by the store.
-ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-INT64_RANGE = (-(2**63), 2**63 - 1)
 BUSY_TIMEOUT_S = 30.0
-# Rows per parquet row group on export: two full-size images per row, so keep groups small.
-EXPORT_ROWS_PER_GROUP = 64
-
-# The app's string user id next to Pick-a-Pic's integer one, and the pair each row came from.
-EXPORT_EXTRA_SCHEMA = pa.schema([("app_user_id", pa.string()), ("pair_id", pa.string())])
-EXPORT_SCHEMA = pickapic_schema(EXPORT_EXTRA_SCHEMA)
 
 
 class NotFoundError(LookupError):
@@ -63,74 +48,6 @@ class NotFoundError(LookupError):
 
 class RatingConflictError(ValueError):
     """A pair that is already rated was rated again with a different choice (ratings are final)."""
-
-
-# ----------------------------------------------------------------------------- validation
-def _check_user_id(user_id: Any) -> str:
-    if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id):
-        raise ValueError(
-            f"invalid user id {user_id!r}: use 1-64 characters from letters, digits and _ . @ -, "
-            "starting with a letter or digit"
-        )
-    return user_id
-
-
-def _check_text(value: Any, what: str, max_chars: int, allow_newlines: bool = False) -> str:
-    """``value`` stripped, checked to be non-empty, at most ``max_chars`` long and free of control characters."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    text = value.strip()
-    if not text:
-        raise ValueError(f"{what} is empty")
-    if len(text) > max_chars:
-        raise ValueError(f"{what} is {len(text)} characters long; the limit is {max_chars}")
-    allowed = "\n\t" if allow_newlines else ""
-    bad = [c for c in text if not c.isprintable() and c not in allowed]
-    if bad:
-        raise ValueError(f"{what} contains control character(s) {sorted(set(bad))!r}")
-    return text
-
-
-def _check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ValueError(f"malformed {what} {value!r}: expected the 32-character hex id the store returned")
-    return value
-
-
-def _check_png(data: Any) -> bytes:
-    """``data`` as bytes, checked to be a PNG within the size limits (from its header; pixels are not decoded)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"png_bytes must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > MAX_PNG_BYTES:
-        raise ValueError(f"image is {len(data)} bytes; the limit is {MAX_PNG_BYTES}")
-    if not data.startswith(PNG_SIGNATURE):
-        raise ValueError("image is not a PNG (encode it with PIL: image.save(buffer, format='PNG'))")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception as exc:  # PIL reports corrupt headers through many exception types
-        raise ValueError(f"image is not a readable PNG: {exc}") from exc
-    if width * height > MAX_PNG_PIXELS or width == 0 or height == 0:
-        raise ValueError(f"image is {width}x{height}; at most {MAX_PNG_PIXELS} pixels are allowed")
-    return data
-
-
-def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not INT64_RANGE[0] <= seed <= INT64_RANGE[1]:
-        raise ValueError(f"seed must be a 64-bit integer, got {seed!r}")
-    return seed
-
-
-def _check_choice(choice: Any) -> str:
-    if choice not in CHOICES:
-        raise ValueError(f"unknown choice {choice!r}; valid choices are {', '.join(CHOICES)}")
-    return choice
-
-
-def _timestamp(seconds: float) -> datetime:
-    """Unix seconds as the naive UTC datetime Pick-a-Pic's ``created_at`` holds."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(tzinfo=None)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -255,8 +172,8 @@ class RatingStore:
 
         Returns ``{"user_id", "display_name", "created_at"}``.
         """
-        _check_user_id(user_id)
-        name = None if display_name is None else _check_text(display_name, "display name", MAX_DISPLAY_NAME_CHARS)
+        check_user_id(user_id)
+        name = None if display_name is None else check_text(display_name, "display name", MAX_DISPLAY_NAME_CHARS)
         with self._write() as conn:
             conn.execute("INSERT OR IGNORE INTO users (user_id, display_name, created_at) VALUES (?, ?, ?)",
                          (user_id, name or user_id, time.time()))
@@ -267,7 +184,7 @@ class RatingStore:
 
     def get_user(self, user_id: str) -> dict[str, Any] | None:
         """``{"user_id", "display_name", "created_at", "password_hash"}``, or None for an unknown user."""
-        _check_user_id(user_id)
+        check_user_id(user_id)
         with self._read() as conn:
             row = conn.execute("SELECT display_name, created_at, password_hash FROM users WHERE user_id = ?",
                                (user_id,)).fetchone()
@@ -277,9 +194,9 @@ class RatingStore:
 
     def set_password_hash(self, user_id: str, password_hash: str | None) -> None:
         """Store a password hash made by the caller (e.g. hashlib.scrypt); None removes it. Never a password."""
-        _check_user_id(user_id)
+        check_user_id(user_id)
         if password_hash is not None:
-            password_hash = _check_text(password_hash, "password hash", MAX_PASSWORD_HASH_CHARS)
+            password_hash = check_text(password_hash, "password hash", MAX_PASSWORD_HASH_CHARS)
         with self._write() as conn:
             self._require_user(conn, user_id)
             conn.execute("UPDATE users SET password_hash = ? WHERE user_id = ?", (password_hash, user_id))
@@ -287,11 +204,11 @@ class RatingStore:
     # -- images and pairs
     def add_image(self, owner_id: str, prompt: str, png_bytes: bytes, model: str, seed: int) -> str:
         """Store a PNG generated for ``owner_id`` (who must exist) and return its new image id."""
-        _check_user_id(owner_id)
-        prompt = _check_text(prompt, "prompt", MAX_PROMPT_CHARS, allow_newlines=True)
-        png = _check_png(png_bytes)
-        model = _check_text(model, "model", MAX_MODEL_CHARS)
-        seed = _check_seed(seed)
+        check_user_id(owner_id)
+        prompt = check_text(prompt, "prompt", MAX_PROMPT_CHARS, allow_newlines=True)
+        png = check_png(png_bytes)
+        model = check_text(model, "model", MAX_MODEL_CHARS)
+        seed = check_seed(seed)
         image_id = uuid.uuid4().hex
         with self._write() as conn:
             self._require_user(conn, owner_id)
@@ -303,8 +220,8 @@ class RatingStore:
 
     def get_image(self, user_id: str, image_id: str) -> bytes:
         """The PNG bytes of an image; PermissionError unless ``user_id`` owns it, NotFoundError if unknown."""
-        _check_user_id(user_id)
-        _check_id(image_id, "image id")
+        check_user_id(user_id)
+        check_id(image_id, "image id")
         with self._read() as conn:
             return bytes(self._owned_image(conn, user_id, image_id)[2])
 
@@ -313,10 +230,10 @@ class RatingStore:
 
         ``prompt`` is the caption the pair is trained with. Returns the new pair id.
         """
-        _check_user_id(user_id)
-        prompt = _check_text(prompt, "prompt", MAX_PROMPT_CHARS, allow_newlines=True)
-        _check_id(image_id_0, "image id")
-        _check_id(image_id_1, "image id")
+        check_user_id(user_id)
+        prompt = check_text(prompt, "prompt", MAX_PROMPT_CHARS, allow_newlines=True)
+        check_id(image_id_0, "image id")
+        check_id(image_id_1, "image id")
         if image_id_0 == image_id_1:
             raise ValueError(f"a pair needs two different images, got {image_id_0} twice")
         pair_id = uuid.uuid4().hex
@@ -332,8 +249,8 @@ class RatingStore:
     def get_pair(self, user_id: str, pair_id: str) -> dict[str, Any]:
         """``{"pair_id", "user_id", "prompt", "image_0", "image_1", "created_at", "choice"}`` of a pair shown to
         ``user_id`` (PermissionError otherwise); ``choice`` is None until it is rated."""
-        _check_user_id(user_id)
-        _check_id(pair_id, "pair id")
+        check_user_id(user_id)
+        check_id(pair_id, "pair id")
         with self._read() as conn:
             row = self._owned_pair(conn, user_id, pair_id)
             rated = conn.execute("SELECT choice FROM ratings WHERE pair_id = ?", (pair_id,)).fetchone()
@@ -353,9 +270,9 @@ class RatingStore:
         Returns ``{"rating_id", "pair_id", "user_id", "choice", "label", "created_at", "created"}``
         where ``label`` is 1.0 (left), 0.0 (right), 0.5 (tie) or None (skip).
         """
-        _check_user_id(user_id)
-        _check_id(pair_id, "pair id")
-        _check_choice(choice)
+        check_user_id(user_id)
+        check_id(pair_id, "pair id")
+        check_choice(choice)
         with self._write() as conn:
             self._owned_pair(conn, user_id, pair_id)
             existing = conn.execute(
@@ -383,8 +300,8 @@ class RatingStore:
 
         Returns ``{"user_id", "image_id", "liked", "created_at"}``.
         """
-        _check_user_id(user_id)
-        _check_id(image_id, "image id")
+        check_user_id(user_id)
+        check_id(image_id, "image id")
         if not isinstance(liked, bool):
             raise ValueError(f"liked must be True or False, got {liked!r}")
         now = time.time()
@@ -400,7 +317,7 @@ class RatingStore:
     # -- queries
     def ratings_for(self, user_id: str) -> list[dict[str, Any]]:
         """The user's ratings, oldest first: rate()'s dict (without ``created``) plus prompt, image_0, image_1."""
-        _check_user_id(user_id)
+        check_user_id(user_id)
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT r.rating_id, r.pair_id, r.choice, r.label, r.created_at, p.prompt, p.image_0, p.image_1 "
@@ -411,7 +328,7 @@ class RatingStore:
         return [{"user_id": user_id, **dict(zip(keys, row))} for row in rows]
 
     def _pairs(self, user_id: str, pending_only: bool) -> list[dict[str, Any]]:
-        _check_user_id(user_id)
+        check_user_id(user_id)
         where = " AND r.rating_id IS NULL" if pending_only else ""
         with self._read() as conn:
             rows = conn.execute(
@@ -436,14 +353,14 @@ class RatingStore:
         with self._read() as conn:
             if user_id is None:
                 return conn.execute("SELECT COUNT(*) FROM ratings").fetchone()[0]
-            _check_user_id(user_id)
+            check_user_id(user_id)
             return conn.execute("SELECT COUNT(*) FROM ratings WHERE user_id = ?", (user_id,)).fetchone()[0]
 
     def rated_examples(self, user_id: str, limit: int | None = None) -> list[tuple[str, bytes, bytes]]:
         """``(prompt, preferred_png, rejected_png)`` of the user's decided ratings (left/right; ties and skips
         say nothing about taste), oldest first; with ``limit`` only the most recent ones. For building the
         user's embedding."""
-        _check_user_id(user_id)
+        check_user_id(user_id)
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
         with self._read() as conn:
@@ -460,93 +377,21 @@ class RatingStore:
 
     def likes_for(self, user_id: str) -> list[dict[str, Any]]:
         """The user's likes and dislikes, oldest first: ``{"image_id", "liked", "created_at"}``."""
-        _check_user_id(user_id)
+        check_user_id(user_id)
         with self._read() as conn:
             rows = conn.execute("SELECT image_id, liked, created_at FROM likes WHERE user_id = ? ORDER BY id",
                                 (user_id,)).fetchall()
         return [{"user_id": user_id, "image_id": i, "liked": bool(liked), "created_at": t} for i, liked, t in rows]
 
-    # -- export
+    # -- export (diffpref.app.export)
     def export_pickapic(self, out_path: str | os.PathLike) -> dict[str, Any]:
-        """Write every decided or tie rating as one row of a Pick-a-Pic v2 parquet file (skips are left out).
+        """Every decided or tie rating as a Pick-a-Pic v2 parquet file; see ``export.export_pickapic``."""
+        from diffpref.app.export import export_pickapic
 
-        Columns and types are those of ``diffpref.data.pickapic_writer.PICKAPIC_V2_SCHEMA`` (as the
-        synthetic world writes them), plus ``app_user_id`` (the app's string id; ``user_id`` is the
-        user's integer index in creation order, stable across exports) and ``pair_id``. ``jpg_0`` /
-        ``jpg_1`` hold the stored PNG bytes unchanged. The file is written from one snapshot of the
-        database and only appears under ``out_path`` once complete.
-
-        Returns ``{"path", "pairs", "decided", "ties", "skips_excluded", "users"}``.
-        """
-        out_path = Path(out_path)
-        with self._read() as conn:  # one snapshot: counts and rows agree even while the app writes
-            user_index = {uid: i for i, (uid,) in enumerate(conn.execute("SELECT user_id FROM users ORDER BY rowid"))}
-            prompt_counts = dict(conn.execute(
-                "SELECT p.prompt, COUNT(*) FROM ratings r JOIN pairs p ON p.pair_id = r.pair_id "
-                "WHERE r.choice != 'skip' GROUP BY p.prompt"
-            ).fetchall())
-            skips = conn.execute("SELECT COUNT(*) FROM ratings WHERE choice = 'skip'").fetchone()[0]
-            ties, users = 0, set()
-            with PickapicWriter(out_path, EXPORT_SCHEMA, rows_per_group=EXPORT_ROWS_PER_GROUP) as writer:
-                for row in conn.execute(PREFERENCE_ROWS_SQL):
-                    (rating_id, pair_id, user_id, choice, label, created_at, prompt,
-                     uid_0, png_0, model_0, uid_1, png_1, model_1) = row
-                    label = float(CHOICE_LABELS[choice] if label is None else label)
-                    ties += label == 0.5
-                    users.add(user_id)
-                    writer.write({
-                        "are_different": bytes(png_0) != bytes(png_1),
-                        "best_image_uid": best_image_uid(label, uid_0, uid_1),
-                        "caption": prompt,
-                        "created_at": _timestamp(created_at),
-                        "has_label": True,
-                        "image_0_uid": uid_0,
-                        "image_0_url": "",
-                        "image_1_uid": uid_1,
-                        "image_1_url": "",
-                        "jpg_0": bytes(png_0),
-                        "jpg_1": bytes(png_1),
-                        "label_0": label,
-                        "label_1": 1.0 - label,
-                        "model_0": model_0,
-                        "model_1": model_1,
-                        "ranking_id": rating_id,
-                        "user_id": user_index[user_id],
-                        "num_example_per_prompt": prompt_counts[prompt],
-                        "app_user_id": user_id,
-                        "pair_id": pair_id,
-                    })
-                pairs = writer.rows
-        return {"path": str(out_path), "pairs": pairs, "decided": pairs - ties, "ties": ties,
-                "skips_excluded": skips, "users": len(users)}
+        return export_pickapic(self, out_path)
 
     def export_likes(self, out_dir: str | os.PathLike) -> dict[str, Any]:
-        """Write every like/dislike as ``out_dir/ratings.jsonl`` plus the images under ``out_dir/images/``.
+        """Every like/dislike as ``ratings.jsonl`` plus images; see ``export.export_likes``."""
+        from diffpref.app.export import export_likes
 
-        The manifest is what ``diffpref.data.read_jsonl_ratings`` reads: one line per rating with
-        "prompt" (the image's prompt), "image" (relative path), "liked", "user_id" (the app's id)
-        and, as extras, "image_id", "model", "seed", "created_at". The manifest is replaced only
-        once complete. Returns ``{"path", "images_dir", "ratings", "liked", "disliked", "users"}``.
-        """
-        out = Path(out_dir)
-        images_dir = out / "images"
-        images_dir.mkdir(parents=True, exist_ok=True)
-        manifest, tmp = out / "ratings.jsonl", out / "ratings.jsonl.tmp"
-        liked_count, users, count = 0, set(), 0
-        with self._read() as conn, open(tmp, "w", encoding="utf-8") as handle:
-            rows = conn.execute(
-                "SELECT l.user_id, l.image_id, l.liked, l.created_at, i.prompt, i.png, i.model, i.seed "
-                "FROM likes l JOIN images i ON i.image_id = l.image_id ORDER BY l.id"
-            )
-            for user_id, image_id, liked, created_at, prompt, png, model, seed in rows:
-                relative = f"images/{image_id}.png"
-                (out / relative).write_bytes(bytes(png))
-                handle.write(json.dumps({"prompt": prompt, "image": relative, "liked": bool(liked),
-                                         "user_id": user_id, "image_id": image_id, "model": model, "seed": seed,
-                                         "created_at": created_at}) + "\n")
-                count += 1
-                liked_count += bool(liked)
-                users.add(user_id)
-        tmp.replace(manifest)
-        return {"path": str(manifest), "images_dir": str(images_dir), "ratings": count, "liked": liked_count,
-                "disliked": count - liked_count, "users": len(users)}
+        return export_likes(self, out_dir)
