@@ -53,6 +53,7 @@ def test_every_documented_command_parses():
     checked, problems = check_doc_commands.run_checks(files)
     assert checked > 30  # the docs have dozens of commands: far fewer means extraction broke
     assert not problems, "\n".join(map(str, problems))
+    assert not check_doc_commands.broken_links(files)
 
 
 BAD_DOC = """\
@@ -67,16 +68,20 @@ python bench/no_such_script.py --json                           # 5 missing scri
 diffpref world eval --adapter a \\
   --bogus 3                                                     # 6 continued line, unknown flag
 python -m diffpref.no_such_module                               # 7 missing module
+torchrun --nproc_per_node 2 -m diffpref.cli generate --bogus    # 8 unknown flag under a launcher
 ```
 
-Inline: `diffpref data inspect x.parquet --jsn` (8 unknown flag) and
+Inline: `diffpref data inspect x.parquet --jsn` (9 unknown flag) and
 `diffpref world relabel --decided-only` (a fragment naming a flag: fine).
 
 ```bash
 diffpref data inspect x.parquet --json && bash bench/world_experiments.sh
 DPO_OVERRIDES="beta=1000" bash bench/ppd_dpo_upper_bound.sh
 torchrun --nproc_per_node 2 train/train.py --config configs/embedded_dpo.yaml max_train_steps=3
+torchrun --nproc_per_node 2 -m diffpref.cli generate --prompts p.txt --out o
 ```
+
+[a link that resolves](configs/embedded_dpo.yaml), [one that does not](docs/gone.md), [a site](https://x.org).
 """
 
 
@@ -93,11 +98,12 @@ def test_checker_finds_each_kind_of_broken_command(tmp_path):
     doc = _doc_root(tmp_path, BAD_DOC)
     checked, problems = check_doc_commands.run_checks([doc], root=tmp_path)
     found = sorted(p.command.line for p in problems)
-    assert found == [4, 5, 6, 7, 8, 9, 11, 14], "\n".join(map(str, problems))
+    assert found == [4, 5, 6, 7, 8, 9, 11, 12, 15], "\n".join(map(str, problems))
     messages = " ".join(p.message for p in problems)
     assert "--no-such-flag" in messages and "no_such.yaml does not exist" in messages
     assert "no_such_key" in messages and "no_such_script.py does not exist" in messages
-    assert checked == 13  # 7 bad fenced + 2 inline + 4 good (one chain of two)
+    assert checked == 15  # 8 bad fenced + 2 inline + 5 good (one chain of two)
+    assert check_doc_commands.broken_links([doc], root=tmp_path) == ["doc.md:25: link to docs/gone.md does not exist"]
 
 
 @pytest.mark.slow

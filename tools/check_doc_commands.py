@@ -11,6 +11,7 @@ What is checked, without running anything long:
   `--config` file exists, and the config with its `key=value` overrides loads (`load_config`:
   every key is a TrainConfig key, every value valid);
 - `python path.py`, `bash path.sh`: the file exists; `python -m module`: the module is found;
+- every relative markdown link points at a file that exists;
 - with `--scripts`, each `python path.py ARGS` / `python -m module ARGS` is started in a child
   process whose `ArgumentParser.parse_args` stops the script right after parsing ARGS, so the
   script's own parser judges them and its work never runs.
@@ -155,10 +156,13 @@ def _check_train_args(args: list[str], root: Path) -> str | None:
     config = root / parsed.config
     if not config.exists():
         return f"--config {parsed.config} does not exist"
+    stderr = io.StringIO()
     try:
-        load_config(TrainConfig, config, parsed.overrides)
+        with contextlib.redirect_stderr(stderr):  # HfArgumentParser prints a bad value's message there
+            load_config(TrainConfig, config, parsed.overrides)
     except (ConfigError, ValueError) as exc:
-        return f"config does not load: {exc}"
+        printed = stderr.getvalue().strip().splitlines()
+        return f"config does not load: {printed[-1] if printed else exc}"
     return None
 
 
@@ -201,6 +205,28 @@ LAUNCHER_VALUES = {"--nproc_per_node", "--nproc-per-node", "--num_processes", "-
                    "--mixed_precision", "--nnodes", "--main_process_port", "--master_port", "--gpu_ids"}
 
 
+def _check_diffpref(args: list[str], root: Path) -> str | None:
+    from diffpref.cli import build_parser
+
+    error = _parse(build_parser(), args)
+    if error is not None:
+        return f"diffpref's parser refused it: {error}"
+    if args[:1] == ["train"] and "--help" not in args and "-h" not in args:
+        return _check_train_args(args[1:], root)
+    return None
+
+
+def _check_module(module: str, args: list[str], root: Path) -> str | None:
+    """`-m MODULE ARGS`: the module exists; `diffpref.cli` is the diffpref command itself."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"module {module!r} is not importable"
+    return _check_diffpref(args, root) if module == "diffpref.cli" else None
+
+
 def check(command: Command, root: Path = ROOT) -> str | None:
     """None when the command is valid as written, else what is wrong."""
     argv = _strip_env(command.argv)
@@ -208,22 +234,10 @@ def check(command: Command, root: Path = ROOT) -> str | None:
         return None
     head = argv[0]
     if head == "diffpref":
-        from diffpref.cli import build_parser
-
-        error = _parse(build_parser(), argv[1:])
-        if error is not None:
-            return f"diffpref's parser refused it: {error}"
-        if argv[1:2] == ["train"] and "--help" not in argv and "-h" not in argv:
-            return _check_train_args(argv[2:], root)
-        return None
+        return _check_diffpref(argv[1:], root)
     if head in ("python", "python3"):
         if argv[1:2] == ["-m"]:
-            module = argv[2] if len(argv) > 2 else ""
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            return None if found else f"module {module!r} is not importable"
+            return _check_module(argv[2] if len(argv) > 2 else "", argv[3:], root)
         if argv[1:2] == ["-c"]:
             return None
         script = argv[1] if len(argv) > 1 else ""
@@ -236,6 +250,9 @@ def check(command: Command, root: Path = ROOT) -> str | None:
         rest = argv[2:] if head == "accelerate" else argv[1:]
         if head == "accelerate" and argv[1:2] != ["launch"]:
             return None  # accelerate config / env: nothing of ours
+        if "-m" in rest or "--module" in rest:  # the launcher runs a module: -m MODULE ARGS
+            at = max(rest.index(flag) for flag in ("-m", "--module") if flag in rest)
+            return _check_module(rest[at + 1] if len(rest) > at + 1 else "", rest[at + 2:], root)
         at = _script_after(rest, LAUNCHER_VALUES)
         if at is None:
             return "no .py script after the launcher's options"
@@ -327,6 +344,22 @@ def run_checks(files: list[Path], root: Path = ROOT, scripts: bool = False, inli
     return checked, problems
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def broken_links(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Relative markdown links whose target does not exist (docs move; links must follow)."""
+    broken = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for target in LINK.findall(line):
+                if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                    continue
+                if not (path.parent / target.split("#")[0]).exists():
+                    broken.append(f"{path.relative_to(root)}:{number}: link to {target} does not exist")
+    return broken
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help="markdown files (default: README.md, docs/, bench/README.md, apps/README.md)")
@@ -339,13 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     files = [Path(f).resolve() for f in args.files] or doc_files()
     checked, problems = run_checks(files, scripts=args.scripts, inline=not args.no_inline,
                                    on_ok=(lambda c: print(f"ok  {c.doc}:{c.line}: {shlex.join(c.argv)}")) if args.verbose else None)
+    links = broken_links(files)
     if args.json:
-        print(json.dumps({"checked": checked, "problems": [str(p) for p in problems]}, indent=1))
+        print(json.dumps({"checked": checked, "problems": [str(p) for p in problems], "broken_links": links}, indent=1))
     else:
-        for problem in problems:
+        for problem in [*map(str, problems), *links]:
             print(problem)
-        print(f"{checked} commands in {len(files)} files, {len(problems)} problems")
-    return 1 if problems else 0
+        print(f"{checked} commands in {len(files)} files, {len(problems)} problems, {len(links)} broken links")
+    return 1 if problems or links else 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ SECTIONS = (
     ("inversion_", "InPO: DDIM inversion"),
     ("kto_", "KTO"),
     ("eval_", "Evaluation during training"),
+    ("conditioning", "PPD: user conditioning (the `ppd:` section)"),
     ("ppd_", "PPD: user conditioning (the `ppd:` section)"),
 )
 
