@@ -112,3 +112,10 @@ def test_script_arguments_are_parsed_by_the_scripts_own_parser(tmp_path):
     _, problems = check_doc_commands.run_checks([doc], root=tmp_path, scripts=True)
     assert [p.command.line for p in problems] == [3], "\n".join(map(str, problems))
     assert "--no-such-option" in problems[0].message
+
+
+@pytest.mark.slow
+def test_every_documented_script_command_parses_with_its_own_parser():
+    checked, problems = check_doc_commands.run_checks(check_doc_commands.doc_files(), scripts=True)
+    assert checked > 30
+    assert not problems, "\n".join(map(str, problems))
