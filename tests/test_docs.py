@@ -2,6 +2,7 @@
 and every command in README.md, docs/, bench/README.md and apps/README.md parses as written."""
 
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -119,3 +120,16 @@ def test_every_documented_script_command_parses_with_its_own_parser():
     checked, problems = check_doc_commands.run_checks(check_doc_commands.doc_files(), scripts=True)
     assert checked > 30
     assert not problems, "\n".join(map(str, problems))
+
+
+def test_readme_opens_with_the_lines_ci_runs():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(readme) <= 200, "README.md is a user's README: move reference to docs/ and results to reports/"
+    fence = readme.index("```bash")
+    install, main_job, tests = readme[fence + 1:fence + 4]
+    # CI runs them as `python -m pip install -q ...` (quiet); otherwise word for word.
+    ci = {line.split("# README: ")[1].strip(): [w for w in shlex.split(line.split("#")[0]) if w != "-q"]
+          for line in (ROOT / ".ci" / "run").read_text().splitlines() if "# README: " in line}
+    assert ci["install"] == ["python", "-m", *shlex.split(install)]
+    assert ci["tests"] == [w for w in shlex.split(tests) if w != "-q"] and tests.startswith("python -m pytest")
+    assert main_job.startswith("diffpref ")
