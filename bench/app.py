@@ -34,8 +34,9 @@ TARGET_NEXT_PAIR_MS = 1000.0
 
 
 def start_app(**config):
+    from diffpref.app.config import AppConfig
     from diffpref.app.server import launch_app
-    from diffpref.app.service import AppConfig, RatingService
+    from diffpref.app.service import RatingService
 
     started = time.perf_counter()
     service = RatingService(AppConfig(**config))

@@ -133,7 +133,8 @@ def test_auth_file_hashes_passwords_and_checks_them(tmp_path):
 
 
 def test_input_validation():
-    from diffpref.app.service import AppConfig, check_choice, check_prompt, check_scale, check_seed
+    from diffpref.app.config import AppConfig
+    from diffpref.app.service import check_choice, check_prompt, check_scale, check_seed
 
     assert check_prompt("  a red\nstar ") == "a red star"
     for bad in ("", "x" * 301, "a\x00b", 3):
@@ -157,7 +158,8 @@ def test_active_pairs_come_from_one_prompt_and_are_the_most_informative_across_p
     the one within-prompt pair that differs (BALD is ~0 for near-duplicates), stored with its own prompt."""
     from types import SimpleNamespace
 
-    from diffpref.app.service import AppConfig, RatingService, from_png
+    from diffpref.app.config import AppConfig
+    from diffpref.app.service import RatingService, from_png
 
     service = RatingService(AppConfig(db=str(tmp_path / "r.db"), pair_images="render", candidates=3,
                                       candidate_prompts=4, seed=1),
@@ -200,8 +202,8 @@ def test_active_pairs_come_from_one_prompt_and_are_the_most_informative_across_p
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_sd15_dir):
     """A 3-step PPD adapter on the tiny SD1.5 pipeline with a random world CLIP (as in test_ppd.py)."""
-    from diffpref.models.world_clip import build_world_clip, save_world_clip
     from diffpref.launch import build_parts
+    from diffpref.models.world_clip import build_world_clip, save_world_clip
     from diffpref.training.config import TrainConfig
     from diffpref.training.trainer import train
     from diffpref.world.render import render, sample_attributes
@@ -227,8 +229,9 @@ def adapter_dir(tmp_path_factory, tiny_sd15_dir):
 
 
 def _start(tmp_path, tiny_sd15_dir, adapter_dir, auth_file=None, pipe=None, **config):
+    from diffpref.app.config import AppConfig
     from diffpref.app.server import launch_app
-    from diffpref.app.service import AppConfig, RatingService
+    from diffpref.app.service import RatingService
 
     started = time.perf_counter()
     cfg = AppConfig(model=str(tiny_sd15_dir), adapter=str(adapter_dir), db=str(tmp_path / "ratings.db"), steps=1,

@@ -26,8 +26,8 @@ from diffpref.data import (
     read_ratings_db,
 )
 from diffpref.data.pickapic_writer import PICKAPIC_V2_SCHEMA
-from diffpref.training.cache import data_identity
 from diffpref.experiments.make_data import PAIRS_SCHEMA
+from diffpref.training.cache import data_identity
 
 
 def png(colour: tuple[int, int, int], size: int = 8) -> bytes:

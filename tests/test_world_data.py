@@ -15,6 +15,8 @@ import torch
 
 from diffpref.cli import main
 from diffpref.data import read_pickapic
+from diffpref.experiments.adherence import evaluate_adherence
+from diffpref.experiments.make_data import PICKAPIC_V2_SCHEMA, make_preference_data, pair_seeds
 from diffpref.models.builders import tiny_sd15_pipeline
 from diffpref.world import (
     BACKGROUNDS,
@@ -31,9 +33,7 @@ from diffpref.world import (
     sample_attributes,
     save_users,
 )
-from diffpref.experiments.adherence import evaluate_adherence
 from diffpref.world.metrics import adherence_of, balanced_captions, win_rate
-from diffpref.experiments.make_data import PICKAPIC_V2_SCHEMA, make_preference_data, pair_seeds
 
 USERS = [
     WorldUser("likes_red", {"color:red": 1.0, "size": 0.5}),
@@ -232,8 +232,8 @@ def test_cli_make_data_and_eval(tmp_path: Path, tiny_pipe, capsys) -> None:
 
 
 def test_plan_pairs_name_prob_controls_how_much_captions_name():
-    from diffpref.world.captions import parse_caption
     from diffpref.experiments.make_data import plan_pairs
+    from diffpref.world.captions import parse_caption
 
     assert {job.caption for job in plan_pairs(2, 20, seed=3, name_prob=0.0)} == {"a shape"}
     assert all(len(parse_caption(job.caption)) == 3 for job in plan_pairs(2, 20, seed=3, name_prob=1.0))

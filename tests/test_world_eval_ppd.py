@@ -38,9 +38,9 @@ def test_world_eval_ppd_prints_the_issue_keys(tmp_path, capsys):
 def test_ranking_accuracy_without_a_user_predicts_no_preference():
     """Zero user tokens add exactly nothing, so every implicit-reward margin is 0 and no pair is called for
     image 0: the accuracy is then the share of pairs whose label is 1 - 1 = 0 (an independent count)."""
+    from diffpref.experiments.ppd_eval import draw_pairs, ranking_accuracy
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.experiments.ppd_eval import draw_pairs, ranking_accuracy
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), "embedded-ppd")
     pipe.set_progress_bar_config(disable=True)
@@ -58,12 +58,12 @@ def test_policy_pairs_rate_the_adapters_own_images_by_each_users_oracle(tmp_path
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from diffpref.models.loading import load_pipeline
-    from diffpref.personalize.context import is_policy_model
-    from diffpref.world.detector import detect
     from diffpref.experiments.make_data import make_preference_data
     from diffpref.experiments.policy_pairs import make_policy_pairs
     from diffpref.experiments.preference_eval import generate_world_images
+    from diffpref.models.loading import load_pipeline
+    from diffpref.personalize.context import is_policy_model
+    from diffpref.world.detector import detect
     from diffpref.world.users import oracle_reward
 
     base = load_pipeline("embedded")

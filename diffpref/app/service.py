@@ -407,5 +407,5 @@ class RatingService:
         return {**summary, **result}
 
 
-__all__ = ["AppConfig", "RatingService", "RatingConflictError", "check_prompt", "check_seed", "check_scale",
+__all__ = ["RatingService", "RatingConflictError", "check_prompt", "check_seed", "check_scale",
            "check_choice", "to_png", "from_png"]

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpref.personalize.encoder import mix_embeddings
-from diffpref.experiments.ppd_eval import generate_personalized, as_examples, draw_pairs
-from diffpref.world.detector import detect_batch, feature_matrix
+from diffpref.experiments.ppd_eval import as_examples, draw_pairs, generate_personalized
 from diffpref.experiments.preference_eval import eval_prompts
+from diffpref.personalize.encoder import mix_embeddings
+from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.users import load_users, oracle_reward
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -30,10 +30,6 @@ import torch
 from tqdm.auto import tqdm
 
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
-from diffpref.personalize.backbones import UserExample
-from diffpref.personalize.context import POLICY_MODEL_PREFIX
-from diffpref.world.captions import sample_prompt
-from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.experiments.make_data import (
     CREATED_AT_BASE,
     PAIRS_SCHEMA,
@@ -44,6 +40,10 @@ from diffpref.experiments.make_data import (
 )
 from diffpref.experiments.preference_eval import generate_world_images
 from diffpref.experiments.relabel import _decode, read_columns
+from diffpref.personalize.backbones import UserExample
+from diffpref.personalize.context import POLICY_MODEL_PREFIX
+from diffpref.world.captions import sample_prompt
+from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.users import (
     WorldUser,
     bradley_terry_choice,

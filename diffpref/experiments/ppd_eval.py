@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffpref.experiments.make_data import generate_in_batches
+from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
 from diffpref.personalize.backbones import UserExample
 from diffpref.world.captions import sample_prompt
 from diffpref.world.ceiling import ceiling_win_rate, few_shot_ceiling_win_rate
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.metrics import adherence_of, win_rate
-from diffpref.experiments.make_data import generate_in_batches
-from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
 from diffpref.world.users import WorldUser, load_users, oracle_reward
 
 

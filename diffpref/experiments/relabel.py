@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from diffpref.data.errors import ImageRejected
 from diffpref.data.images import decode_image
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid
-from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.experiments.make_data import (
     CREATED_AT_BASE,
     PAIRS_SCHEMA,
     check_labelling,
     pair_rng,
 )
+from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.users import (
     WorldUser,
     bradley_terry_choice,

@@ -269,10 +269,10 @@ def grid_section(results: Path, out: Path, users=("red_large", "dark_small"), n:
     """Base (top row) vs personalized (bottom row) generations of the same captions and seeds."""
     from PIL import Image
 
+    from diffpref.experiments.ppd_eval import as_examples, draw_pairs, generate_personalized
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
-    from diffpref.experiments.ppd_eval import generate_personalized, as_examples, draw_pairs
-    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
     from diffpref.world.users import load_users
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), results / "embedded_ppd")

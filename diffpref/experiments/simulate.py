@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from diffpref.app.config import AppConfig
 from diffpref.app.pairs import PAIR_MODES
-from diffpref.app.service import AppConfig, RatingService
+from diffpref.app.service import RatingService
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.metrics import win_rate
 from diffpref.world.users import WorldUser, load_users, oracle_reward
@@ -67,10 +68,10 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
                     num_prompts: int = 32, seed: int = 0, adapter: str = "embedded-ppd", candidates: int = 4,
                     steps: int = 15, candidate_prompts: int = 2, db_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Win rate against the base after 1..``ratings`` ratings, per pair mode (mean over users)."""
-    from diffpref.models.loading import load_pipeline
-    from diffpref.personalize.pipeline import PersonalizedPipeline
     from diffpref.experiments.ppd_eval import generate_personalized
     from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
+    from diffpref.models.loading import load_pipeline
+    from diffpref.personalize.pipeline import PersonalizedPipeline
 
     unknown = set(modes) - set(PAIR_MODES)
     if unknown:
