@@ -16,6 +16,19 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "diffpref"
 ROOT = "diffpref"  # the package's own __init__.py
+# The layers, bottom first: a node may import only from layers below its own. The world (the
+# oracle) sits at the bottom with the data readers; the CLI at the top composes everything.
+LAYERS = (
+    {ROOT, "paths", "config"},
+    {"data", "world", "losses", "inversion"},
+    {"models"},
+    {"generate", "training"},
+    {"personalize"},
+    {"rewards", "app"},
+    {"experiments"},
+    {"launch"},
+    {"cli"},
+)
 
 
 def _module_name(path: Path) -> str:
@@ -130,6 +143,15 @@ def test_no_cycle_between_subpackages():
     assert not found, f"import cycles between subpackages: {found}\n{describe(graph)}"
 
 
+def test_every_import_points_down_the_layers():
+    level = {node: i for i, layer in enumerate(LAYERS) for node in layer}
+    graph = import_graph()
+    unknown = sorted({n for a in graph for n in (a, *graph[a])} - set(level))
+    assert not unknown, f"{unknown}: add each to a layer in LAYERS"
+    upward = [f"{a} -> {b} ({', '.join(sorted(graph[a][b]))})" for a in graph for b in graph[a] if level[b] >= level[a]]
+    assert not upward, "imports that do not point to a lower layer:\n" + "\n".join(sorted(upward))
+
+
 def test_app_does_not_import_the_cli():
     assert "cli" not in import_graph().get("app", {}), "diffpref.app must not import diffpref.cli"
 
@@ -150,3 +172,4 @@ def test_every_module_imports():
 if __name__ == "__main__":
     print(describe(import_graph()))
     print("cycles:", cycles(import_graph()) or "none")
+    print("layers, bottom first:", " | ".join(", ".join(sorted(layer)) for layer in LAYERS))
