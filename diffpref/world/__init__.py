@@ -1,4 +1,15 @@
-"""The synthetic preference world: renderer, captions, attribute detector and simulated users."""
+"""The synthetic preference world, the oracle only: what is true about an image and what a user wants.
+
+- ``render``            images from known attributes (shape, colour, background, size, brightness, position).
+- ``captions``          world captions: write, sample and parse them.
+- ``detector``          the exact attribute detector (``shape_classifier``: its small shape CNN).
+- ``users``             simulated users: oracle rewards over detected features, Bradley-Terry choices.
+- ``ceiling``           the best win rate attainable against a base model, per user.
+- ``metrics``           pure arithmetic: prompt adherence of images, win rate of paired rewards.
+
+It imports nothing else of diffpref (``tests/test_imports.py``). The drivers that run models
+against it (make data, evaluate, report, pretrain, simulate) are in ``diffpref.experiments``.
+"""
 
 from diffpref.world.captions import caption_for, caption_vocabulary, parse_caption, sample_caption, sample_prompt
 from diffpref.world.detector import (
