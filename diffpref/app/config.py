@@ -87,7 +87,9 @@ def flag_fields() -> list:
 def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``diffpref app``'s flags: the flagged ``AppConfig`` fields, then where and to whom the server listens."""
     for f in flag_fields():
-        kwargs = {"default": f.default, "help": f.metadata["help"], "type": _FLAG_TYPES[f.type]}
+        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        if _FLAG_TYPES[f.type] is not str:  # argparse keeps strings as they are
+            kwargs["type"] = _FLAG_TYPES[f.type]
         if "choices" in f.metadata:
             kwargs["choices"] = list(f.metadata["choices"])
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
