@@ -15,8 +15,9 @@ import torch
 
 from diffpref.cli import main
 from diffpref.data import read_pickapic
+from diffpref.data.pickapic_writer import PICKAPIC_V2_SCHEMA
 from diffpref.experiments.adherence import evaluate_adherence
-from diffpref.experiments.make_data import PICKAPIC_V2_SCHEMA, make_preference_data, pair_seeds
+from diffpref.experiments.make_data import make_preference_data, pair_seeds
 from diffpref.models.builders import tiny_sd15_pipeline
 from diffpref.world import (
     BACKGROUNDS,

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from diffpref.data.pickapic_writer import PICKAPIC_V2_SCHEMA  # noqa: F401  (re-exported: its old home)
 from diffpref.data.pickapic_writer import PickapicWriter, best_image_uid, pickapic_schema
 from diffpref.world.captions import sample_prompt
 from diffpref.world.detector import Detection, detect_batch

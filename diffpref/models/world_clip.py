@@ -8,6 +8,7 @@ It is a stock open_clip ``CLIP`` saved as a ``local-dir:`` folder (``open_clip_c
 
 Its captions also describe the continuous attributes ("a small dark red star ..."), so the image
 embedding carries size and brightness too; the user encoder needs them to read a person's taste.
+It is trained by the pretraining recipe (``diffpref.experiments.pretrain.train_world_clip``).
 """
 
 from __future__ import annotations
