@@ -327,7 +327,7 @@ def test_a_conditioning_config_without_its_conditioner_is_refused(tmp_path, tiny
 def test_build_parts_evaluates_on_world_data_only_when_asked(tmp_path, manifest):
     from diffpref.launch import build_parts
 
-    cfg = lambda **kw: TrainConfig(data_path=str(manifest), **kw)  # noqa: E731
+    cfg = lambda **kw: TrainConfig(data_path=str(manifest), **kw)
     assert build_parts(cfg()) == (None, None)  # no users.json beside the data, and eval_world is off
     with pytest.raises(FileNotFoundError, match="users.json"):
         build_parts(cfg(eval_world=True))

@@ -28,7 +28,14 @@ import torch
 
 from diffpref.training import randomness
 from diffpref.training.conditioning import added_cond_kwargs
-from diffpref.training.objectives import Denoiser, NoiseSchedule, Objective, ObjectiveInputs, ObjectiveOutput, get_objective
+from diffpref.training.objectives import (
+    Denoiser,
+    NoiseSchedule,
+    Objective,
+    ObjectiveInputs,
+    ObjectiveOutput,
+    get_objective,
+)
 
 
 class NonFiniteLossError(FloatingPointError):

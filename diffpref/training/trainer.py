@@ -23,7 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from diffpref.training import randomness
-from diffpref.training.checkpoint import assert_finite, load_trainer_state, resolve_resume, save_checkpoint
+from diffpref.training.checkpoint import (
+    assert_finite,
+    load_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from diffpref.training.config import TrainConfig
 from diffpref.training.objectives import NoiseSchedule, get_objective
 from diffpref.training.step import (  # noqa: F401  (NonFiniteLossError, adapters_disabled: re-exported)
