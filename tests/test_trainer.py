@@ -336,3 +336,29 @@ def test_build_parts_evaluates_on_world_data_only_when_asked(tmp_path, manifest)
     assert build_parts(cfg(eval_world=True, eval_users=str(users), eval_prompts=0)) == (None, None)
     conditioner, evaluator = build_parts(cfg(eval_world=True, eval_users=str(users), eval_prompts=3))
     assert conditioner is None and len(evaluator.prompts) == 3 and hasattr(evaluator, "attach")
+
+
+def test_a_registered_objective_trains_through_train(tmp_path, tiny_sd15_dir, manifest):
+    """The recipe of diffpref.training.objectives' docstring: one function and one register_objective call."""
+    from diffpref.training.objectives import OBJECTIVES, ObjectiveOutput, preferred, register_objective
+
+    seen = []
+
+    def quiet(x):  # a toy objective: the policy's output on the preferred images, pushed toward zero
+        seen.append((x.reference, x.beta))
+        winner = preferred(x.batch)
+        out = x.policy(x.schedule.add_noise(winner, x.noise, x.t), x.t, x.batch["cond"])
+        loss = out.pow(2).mean(dim=(1, 2, 3))
+        return ObjectiveOutput(loss, {"output_power": float(loss.detach().mean())})
+
+    register_objective("quiet", quiet, default_beta=3.0, data="pairs", uses_reference=False)
+    try:
+        summary = train(_cfg(tmp_path, tiny_sd15_dir, manifest, method="quiet", max_train_steps=6, train_batch_size=12,
+                             checkpointing_steps=0))
+    finally:
+        del OBJECTIVES["quiet"]
+    power = [json.loads(line)["output_power"] for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 6 and power[-1] < 0.7 * power[0]  # trained: its loss fell (measured: to 0.49x)
+    assert set(seen) == {(None, 3.0)}  # no reference pass for it, and its default beta
+    with pytest.raises(ValueError, match="choose one of dpo, inpo, kto, mapo, sft"):
+        TrainConfig(method="quiet", data_path=str(manifest))  # gone from the registry, gone from the config
