@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 _LAZY = {
     # diffusers resolves pipeline components as getattr(import_module("diffpref"), class_name).
     "UserEncoder": "diffpref.personalize.encoder",
+    "SetUserEncoder": "diffpref.personalize.encoder",
+    "EvidenceUserEncoder": "diffpref.personalize.encoder",
     "PersonalizedPipeline": "diffpref.personalize.pipeline",
 }
 

@@ -160,29 +160,6 @@ def test_fixed_user_tokens_notice_new_or_changed_tokens_and_stay_out_of_training
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in user_attention_parameters(unet))
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_table_probe_reads_the_tokens_training_used(rank):
-    """bench/ppd_table_probe.py rebuilds each user's tokens from a checkpoint as the trainer computes them."""
-    from types import SimpleNamespace
-
-    from diffpref.personalize.encoder import UserEncoder
-    from diffpref.personalize.training import PPDConditioner, add_user_table
-
-    spec = importlib.util.spec_from_file_location("ppd_table_probe", ROOT / "bench" / "ppd_table_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    encoder = UserEncoder(feature_dim=8, num_tokens=2, token_dim=6, hidden=8, layers=0)
-    add_user_table(encoder, num_users=5, num_tokens=2, dim=6, rank=rank, seed=0)
-    with torch.no_grad():
-        encoder.user_table.normal_()
-    conditioner = PPDConditioner(SimpleNamespace(ppd_table_rank=rank), encoder, bank=None, num_tokens=2, users=[])
-    # The trainer checkpoints its models as a list: the encoder's keys carry a "1." prefix.
-    state = {f"1.{k}": v.detach() for k, v in encoder.state_dict().items()}
-    torch.testing.assert_close(probe.table_tokens(state), conditioner.table_tokens(torch.arange(5)).detach())
-    with pytest.raises(ValueError, match="ppd_user_table"):
-        probe.table_tokens({k: v for k, v in state.items() if "user_table" not in k})
-
-
 def test_clip_attribute_probe_finds_the_background_linear_and_reports_every_attribute(tmp_path, capsys):
     """bench/clip_attribute_probe.py on world renders: the world CLIP sees backgrounds linearly."""
     import io

@@ -6,7 +6,8 @@ import torch
 
 from diffpref.personalize.backbones import (OpenClipBackbone, UserBackbone, VLMBackbone, UserExample,
                                             example_features_from_embeddings)
-from diffpref.personalize.encoder import (UserEncoder, embed_user, load_user_embedding, mix_embeddings,
+from diffpref.personalize.encoder import (SET_TOKEN_SCALE_INIT, EvidenceUserEncoder, SetUserEncoder, UserEncoder,
+                                         build_user_encoder, embed_user, load_user_embedding, mix_embeddings,
                                           save_user_embedding, user_cache_key)
 from diffpref.world.captions import caption_vocabulary, sample_prompt
 from diffpref.world.render import render, sample_attributes
@@ -20,10 +21,10 @@ def make_examples(k: int, seed: int = 0) -> list[UserExample]:
             for _ in range(k)]
 
 
-def tiny_encoder(**overrides) -> UserEncoder:
+def tiny_encoder(**overrides) -> SetUserEncoder:
     torch.manual_seed(0)
     kwargs = dict(feature_dim=FEATURES, num_tokens=3, token_dim=8, hidden=16, layers=2, heads=2) | overrides
-    return UserEncoder(**kwargs).eval()
+    return SetUserEncoder(**kwargs).eval()
 
 
 class CountingBackbone:
@@ -64,8 +65,11 @@ def test_encoder_accepts_any_number_of_examples(k):
     with torch.no_grad():
         tokens = encoder(torch.randn(3, k, FEATURES))
     assert tokens.shape == (3, 3, 8) and torch.isfinite(tokens).all()
-    # Final LayerNorm (identity affine at init): each token is zero-mean, unit-variance.
+    # Final LayerNorm with gain SET_TOKEN_SCALE_INIT at init: each token is zero-mean with that standard
+    # deviation (small tokens: the personalized model starts next to the base model).
     torch.testing.assert_close(tokens.mean(-1), torch.zeros(3, 3), atol=1e-5, rtol=0)
+    std = tokens.var(-1, unbiased=False).sqrt()
+    torch.testing.assert_close(std, torch.full((3, 3), SET_TOKEN_SCALE_INIT), atol=1e-4, rtol=0)
 
 
 def test_padded_batch_matches_each_user_alone():
@@ -96,8 +100,8 @@ def test_encoder_trains_and_round_trips(tmp_path):
     assert all(not torch.equal(before[n], p) for n, p in encoder.named_parameters() if "norm_out" not in n)
     encoder.eval().save_pretrained(tmp_path / "enc")
     assert (tmp_path / "enc" / "diffusion_pytorch_model.safetensors").exists()
-    loaded = UserEncoder.from_pretrained(tmp_path / "enc").eval()
-    assert loaded.config.num_tokens == 3 and loaded.config.token_dim == 8
+    loaded = UserEncoder.from_pretrained(tmp_path / "enc").eval()  # the base picks the class from the config
+    assert type(loaded) is SetUserEncoder and loaded.config.num_tokens == 3 and loaded.config.token_dim == 8
     x = torch.randn(1, 5, FEATURES)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), encoder(x))
@@ -105,8 +109,9 @@ def test_encoder_trains_and_round_trips(tmp_path):
 
 def test_evidence_encoder_matches_an_independent_computation_and_round_trips(tmp_path):
     """tokens = LN(shared + W (scale * mean over examples of (phi(pref) - phi(rej)))), per user."""
-    encoder = UserEncoder(feature_dim=FEATURES, num_tokens=3, token_dim=8, evidence_dim=FEATURES // 4)
-    assert not hasattr(encoder, "embed")  # no set-transformer weights to sit unused under DDP
+    encoder = build_user_encoder("evidence", feature_dim=FEATURES, num_tokens=3, token_dim=8, evidence_dim=FEATURES // 4)
+    # only the evidence weights: nothing of a set transformer sits unused under DDP
+    assert sorted(n for n, _ in encoder.named_parameters()) == ["evidence_map.weight", "evidence_tokens"]
     features = torch.randn(2, 5, FEATURES)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     with torch.no_grad():
@@ -128,19 +133,53 @@ def test_evidence_encoder_matches_an_independent_computation_and_round_trips(tmp
     torch.testing.assert_close(encoder(features[:, [4, 2, 0, 1, 3]], mask[:, [4, 2, 0, 1, 3]]).detach()[0], got[0])
     encoder.save_pretrained(tmp_path / "enc")
     loaded = UserEncoder.from_pretrained(tmp_path / "enc")
+    assert type(loaded) is EvidenceUserEncoder
     torch.testing.assert_close(loaded(features, mask).detach(), got)  # the scale buffer travels with it
 
 
 def test_evidence_encoder_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="feature_dim = 4 \\* evidence_dim"):
-        UserEncoder(feature_dim=10, evidence_dim=3)
-    with pytest.raises(ValueError, match="no text anchors"):
-        UserEncoder(feature_dim=12, evidence_dim=3, num_anchors=2)
-    encoder = UserEncoder(feature_dim=12, evidence_dim=3)
+        EvidenceUserEncoder(feature_dim=10, evidence_dim=3)
+    encoder = EvidenceUserEncoder(feature_dim=12, evidence_dim=3)
     with pytest.raises(ValueError, match="RMS"):
         encoder.set_evidence_scale(torch.zeros(4, 12))
-    with pytest.raises(ValueError, match="no preference head"):
-        encoder(torch.randn(1, 2, 12), return_unscaled=True)
+    with pytest.raises(ValueError, match="features must be"):
+        encoder(torch.randn(1, 2, 16))
+    with pytest.raises(ValueError, match="unknown user encoder 'anchors'; choose one of set, evidence"):
+        build_user_encoder("anchors", feature_dim=12)
+    with pytest.raises(TypeError, match="base class"):
+        UserEncoder()(torch.randn(1, 2, 12))
+
+
+def _old_style_config(folder, **keys):
+    """Rewrite a saved encoder's config.json as the one pre-split UserEncoder class wrote it."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update({"_class_name": "UserEncoder", "hidden": 128, "layers": 0, "heads": 4, "output_scale_init": 1.0,
+                   "preference_dim": 0, "num_anchors": 0, "anchor_words": None, "anchor_evidence": False,
+                   "free_anchors": 0, "evidence_dim": config.get("evidence_dim", 0)} | keys)
+    path.write_text(json.dumps(config))
+
+
+def test_encoders_saved_before_the_split_load_as_their_head(tmp_path, capfd):
+    """An old config (one class, both heads' keys, retired keys at 0) loads as the right class, silently."""
+    encoder = EvidenceUserEncoder(feature_dim=12, num_tokens=2, token_dim=8, evidence_dim=3)
+    with torch.no_grad():
+        encoder.evidence_map.weight.normal_()
+    encoder.save_pretrained(tmp_path / "old")
+    _old_style_config(tmp_path / "old")
+    capfd.readouterr()
+    loaded = UserEncoder.from_pretrained(tmp_path / "old")
+    assert type(loaded) is EvidenceUserEncoder
+    # diffusers' logger writes to the stderr file descriptor: the pre-split keys are dropped, not warned about
+    assert "not expected" not in capfd.readouterr().err
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(loaded(x).detach(), encoder(x).detach())
+    _old_style_config(tmp_path / "old", num_anchors=5)  # a retired recipe's encoder: a clear refusal
+    with pytest.raises(ValueError, match="retired"):
+        UserEncoder.from_pretrained(tmp_path / "old")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     adapter/
       ppd_config.json              num_tokens, blocks, backbone, base model it was trained on
-      user_encoder/                UserEncoder (diffusers ModelMixin folder, safetensors)
+      user_encoder/                SetUserEncoder or EvidenceUserEncoder (diffusers ModelMixin folder)
       user_attention.safetensors   to_k_user / to_v_user of every conditioned cross-attention layer
 
 The base model's weights are never part of an adapter: it is applied to a loaded UNet.
@@ -72,6 +72,8 @@ def load_ppd_adapter(unet, adapter: str | os.PathLike, scale: float = 1.0) -> tu
                          f"cross_attention_dim is {unet.config.cross_attention_dim}: it was trained for another model")
     install_user_attention(unet, config["num_tokens"], blocks=config["blocks"], scale=scale)
     load_user_attention_weights(unet, path)
+    # UserEncoder.from_pretrained picks the head the folder was saved from (adapters saved before the
+    # set/evidence split included).
     encoder = UserEncoder.from_pretrained(path / ENCODER_DIR).to(unet.device).eval()
     return encoder, config
 

@@ -42,10 +42,8 @@ class ContextBank:
         if self.context_ok is None:
             self.context_ok = torch.ones(len(self.label), dtype=torch.bool)
         self.context_ok = self.context_ok.bool()
-        self.by_user: dict[int, torch.Tensor] = {}
         self.context_of_user: dict[int, torch.Tensor] = {}
         for user in self.user_index.unique().tolist():
-            self.by_user[user] = (self.user_index == user).nonzero().flatten()
             self.context_of_user[user] = ((self.user_index == user) & self.context_ok).nonzero().flatten()
 
     @property
@@ -62,11 +60,6 @@ class ContextBank:
         preferred = torch.where(first, self.image_0[rows], self.image_1[rows])
         rejected = torch.where(first, self.image_1[rows], self.image_0[rows])
         return example_features_from_embeddings(self.text[rows], preferred, rejected)
-
-    def preference_diff(self, rows: torch.Tensor) -> torch.Tensor:
-        """phi(preferred) - phi(rejected) of pairs ``rows``, [B, E] (backbone image embeddings)."""
-        first = (self.label[rows] >= 0.5).unsqueeze(1)
-        return torch.where(first, self.image_0[rows] - self.image_1[rows], self.image_1[rows] - self.image_0[rows])
 
     def sample_context(self, rows: torch.Tensor, generators: list[torch.Generator], k_min: int,
                        k_max: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,20 +1,31 @@
-"""The user encoder: a user's preference examples -> K tokens for the UNet's extra cross-attention.
+"""User encoders: a user's preference examples -> K tokens for the UNet's extra cross-attention.
 
-A frozen backbone (``backbones.py``) turns the examples into features; ``UserEncoder`` is the
-trainable head, a small set transformer (Lee et al. 2019): per-example MLP, self-attention blocks
-without positions, then pooling by multi-head attention onto K learned seed queries (PMA). With no
-positions anywhere the tokens do not depend on the order of the examples, and a padding mask lets
-one batch hold users with different numbers of examples.
+A frozen backbone (``backbones.py``) turns the examples into features ``[B, k, F]`` (a padding mask
+lets one batch hold users with different numbers of examples); a small trainable head turns them
+into tokens ``[B, K, d]``. Two heads ship, one class each, on the ``UserEncoder`` base (input
+checks, config, loading):
 
-Around it: ``embed_user`` (cached per set of examples, order-independent), ``mix_embeddings``
+- ``SetUserEncoder`` (``ppd_encoder: set``, the sd15/sdxl recipes): a set transformer (Lee et al.
+  2019): per-example MLP, self-attention blocks without positions, pooling by multi-head attention
+  onto K learned seed queries (PMA). With no positions anywhere the tokens do not depend on the
+  order of the examples.
+- ``EvidenceUserEncoder`` (``ppd_encoder: evidence``, the shipped ``embedded-ppd`` adapter):
+  ``tokens = LN(shared + W @ mean(phi(pref) - phi(rej)))``.
+
+``UserEncoder.from_pretrained`` picks the class from the saved config, so adapters saved before the
+split (one ``UserEncoder`` class with both heads behind flags) load unchanged.
+
+Around them: ``embed_user`` (cached per set of examples, order-independent), ``mix_embeddings``
 (interpolating between users) and ``save_user_embedding`` / ``load_user_embedding``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,33 +38,108 @@ from torch import nn
 
 from diffpref.personalize.backbones import UserBackbone, UserExample
 
-__all__ = ["UserEncoder", "UserExample", "embed_user", "example_digest", "user_cache_key", "mix_embeddings",
-           "save_user_embedding", "load_user_embedding"]
+__all__ = ["UserEncoder", "SetUserEncoder", "EvidenceUserEncoder", "ENCODERS", "build_user_encoder", "UserExample",
+           "embed_user", "example_digest", "user_cache_key", "mix_embeddings", "save_user_embedding",
+           "load_user_embedding"]
+
+# The set head's tokens start small: the personalized model starts next to the base model (as LoRA
+# starts at B = 0), so preference training starts near log 2 instead of from whatever unit-scale
+# random tokens would do to the UNet; not zero, so every weight gets gradient. It was the config key
+# ``ppd_token_scale_init`` (default 0.05) until only recipes that never shipped changed it.
+SET_TOKEN_SCALE_INIT = 0.05
+
+# Keys of encoders saved by recipes that no longer exist (text anchors, a preference read-out); see
+# reports/ppd_experiments.md. Saved at 0 / off they mean nothing, and such encoders still load.
+_RETIRED_KEYS = {"preference_dim": 0, "num_anchors": 0, "free_anchors": 0, "anchor_evidence": False,
+                 "anchor_words": None}
+# Every key of the one UserEncoder class before the split: a saved config holds all of them.
+_PRE_SPLIT_KEYS = frozenset({"feature_dim", "num_tokens", "token_dim", "hidden", "layers", "heads", "output_scale_init",
+                             "evidence_dim", *_RETIRED_KEYS})
 
 
 class UserEncoder(ModelMixin, ConfigMixin):
-    """Set transformer head: ``features [B, k, F]`` (+ mask) -> ``tokens [B, K, d]``.
+    """Base of the user encoders: ``features [B, k, F]`` (+ mask) -> ``tokens [B, K, d]``.
 
-    ``token_dim`` is the UNet's ``cross_attention_dim``. The output ends in a LayerNorm so user
-    tokens sit at the scale of text-encoder states whatever the backbone's feature scale.
+    A subclass builds its layers and implements ``encode(features, mask)`` on checked inputs.
+    ``UserEncoder.from_pretrained(folder)`` returns the subclass the folder was saved from.
+    """
+
+    def encode(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_inputs(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The mask (True = real example; all True when None) after checking shapes and emptiness."""
+        if features.ndim != 3 or features.shape[-1] != self.config.feature_dim:
+            raise ValueError(f"features must be [B, k, {self.config.feature_dim}], got {tuple(features.shape)}")
+        if mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        if mask.shape != features.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(features.shape[:2])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if not bool(mask.any(1).all()):  # this is a CPU-GPU sync point, but an empty user would give NaNs
+            empty = (~mask.any(1)).nonzero().flatten().tolist()
+            raise ValueError(f"every user needs at least one real example; rows {empty} are all padding")
+        return mask
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``."""
+        if type(self) is UserEncoder:
+            raise TypeError("UserEncoder is the base class: build a SetUserEncoder or an EvidenceUserEncoder")
+        return self.encode(features, self.check_inputs(features, mask))
+
+    @staticmethod
+    def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the real examples: ``values [B, k, C]``, ``mask [B, k]`` -> ``[B, C]``."""
+        weights = mask.to(values.dtype).unsqueeze(-1)
+        return (values * weights).sum(1) / weights.sum(1)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # A config saved before the split carries the other head's keys (and retired ones, at 0);
+        # dropping them here keeps diffusers from warning about them on every load.
+        expected = set(inspect.signature(cls.__init__).parameters)
+        config_dict = {k: v for k, v in config_dict.items() if k in expected or k not in _PRE_SPLIT_KEYS}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> UserEncoder:
+        if cls is not UserEncoder:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        config = json.loads((folder / cls.config_name).read_text())
+        return encoder_class(config).from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def encoder_class(config: Mapping) -> type[UserEncoder]:
+    """The class a saved encoder config belongs to; a clear error for a retired recipe's encoder."""
+    retired = {k: config[k] for k, off in _RETIRED_KEYS.items() if config.get(k, off) not in (off, [], None)}
+    if retired:
+        raise ValueError(f"this user encoder uses {retired}: text anchors and the preference read-out were "
+                         "retired (reports/ppd_experiments.md names the last commit that can load it)")
+    name = config.get("_class_name", "UserEncoder")
+    if name in ENCODERS_BY_CLASS:
+        return ENCODERS_BY_CLASS[name]
+    # Saved before the split: one UserEncoder class, the evidence head when evidence_dim > 0.
+    return EvidenceUserEncoder if int(config.get("evidence_dim", 0)) > 0 else SetUserEncoder
+
+
+class SetUserEncoder(UserEncoder):
+    """Set-transformer head. ``token_dim`` is the UNet's ``cross_attention_dim``.
+
+    The output ends in a LayerNorm so user tokens sit at the scale of text-encoder states whatever
+    the backbone's feature scale; its gain starts at ``output_scale_init`` (``SET_TOKEN_SCALE_INIT``).
     """
 
     @register_to_config
     def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, hidden: int = 256,
-                 layers: int = 2, heads: int = 4, output_scale_init: float = 1.0, preference_dim: int = 0,
-                 num_anchors: int = 0, anchor_words: list[str] | None = None, anchor_evidence: bool = False,
-                 free_anchors: int = 0, evidence_dim: int = 0):
+                 layers: int = 2, heads: int = 4, output_scale_init: float = SET_TOKEN_SCALE_INIT):
         super().__init__()
-        if evidence_dim > 0:
-            self._init_evidence(feature_dim, num_tokens, token_dim, evidence_dim, num_anchors, preference_dim)
-            return
         if hidden % heads != 0:
             raise ValueError(f"hidden={hidden} must be divisible by heads={heads}")
         if num_tokens < 1 or layers < 0:
             raise ValueError(f"num_tokens={num_tokens} must be >= 1 and layers={layers} >= 0")
-        if free_anchors < 0 or (free_anchors > 0 and num_anchors == 0):
-            raise ValueError(f"free_anchors={free_anchors} must be >= 0, and > 0 only beside text anchors "
-                             f"(num_anchors={num_anchors})")
         # Backbone features can be large and unevenly scaled (LLM hidden states have outlier dims).
         self.embed = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(),
                                    nn.Linear(hidden, hidden))
@@ -67,112 +153,12 @@ class UserEncoder(ModelMixin, ConfigMixin):
         self.pool = nn.MultiheadAttention(hidden, heads, dropout=0.0, batch_first=True)
         self.pool_mlp = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.GELU(),
                                       nn.Linear(4 * hidden, hidden))
-        if num_anchors > 0:
-            # Text-anchored tokens (``anchors.py``): each token is a softmax mixture of the rows of
-            # ``anchors`` (text-encoder states of prompt words, set by ``set_anchors``). The norm keeps
-            # the logits from saturating the softmax, where a one-hot mixture would stop learning.
-            # Zero weights: every token starts as the plain average of the anchors.
-            self.register_buffer("anchors", torch.zeros(num_anchors, token_dim))
-            # Free anchors: learned tokens beside the words, for tastes no prompt word names (size,
-            # brightness); they start near the average word (``set_anchors``) and DPO moves them.
-            self.free_anchor_tokens = nn.Parameter(torch.zeros(free_anchors, token_dim)) if free_anchors else None
-            self.anchor_norm = nn.LayerNorm(hidden)
-            self.anchor_logits = nn.Linear(hidden, num_anchors + free_anchors)
-            nn.init.zeros_(self.anchor_logits.weight)
-            nn.init.zeros_(self.anchor_logits.bias)
-            if preference_dim > 0:
-                # Each anchor word's direction in the backbone's space (its text embedding), so that the
-                # preference read-out must name the words that tell the user's choices apart.
-                self.register_buffer("anchor_directions", torch.zeros(num_anchors, preference_dim))
-                # a free anchor's direction is learned (from zero: no evidence, no read-out at first)
-                self.free_anchor_directions = (nn.Parameter(torch.zeros(free_anchors, preference_dim))
-                                               if free_anchors else None)
-                self.preference_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            if anchor_evidence:
-                if preference_dim <= 0 or feature_dim != 4 * preference_dim:
-                    raise ValueError("anchor_evidence reads the [text, pref, rej, pref - rej] features of an open_clip "
-                                     f"backbone: it needs feature_dim = 4 * preference_dim, got {feature_dim} and "
-                                     f"{preference_dim}")
-                self.evidence_log_scale = nn.Parameter(torch.tensor(math.log(30.0)))
-            readout_dim = 0
-        else:
-            self.proj_out = nn.Linear(hidden, token_dim)
-            self.norm_out = nn.LayerNorm(token_dim)
-            readout_dim = num_tokens * token_dim
-        # Optional training aid (``predict_preference``): a linear read-out of the tokens as a reward
-        # direction in the backbone's image-embedding space. Inference never uses it.
-        self.preference_head = nn.Linear(readout_dim, preference_dim) if preference_dim > 0 and readout_dim else None
-        if output_scale_init != 1.0 and num_anchors == 0:
-            # Small tokens at first: the personalized model starts next to the base model (as LoRA
-            # starts at B = 0), so preference training starts near log 2 instead of from whatever
-            # unit-scale random tokens would do to the UNet; not zero, so every weight gets gradient.
+        self.proj_out = nn.Linear(hidden, token_dim)
+        self.norm_out = nn.LayerNorm(token_dim)
+        if output_scale_init != 1.0:
             nn.init.constant_(self.norm_out.weight, output_scale_init)
 
-    def _init_evidence(self, feature_dim: int, num_tokens: int, token_dim: int, evidence_dim: int,
-                       num_anchors: int, preference_dim: int) -> None:
-        """The evidence encoder (``evidence_dim`` > 0): ``tokens = LN(shared + W @ mean(phi(pref) - phi(rej)))``.
-
-        The mean embedding difference between preferred and rejected images is the plain estimate of a
-        linear taste from a few choices; one linear map shared by all users turns it into tokens, so every
-        user's pairs train the same few weights (a learned head has to discover that statistic from the
-        DPO signal first, and on the world it did not). ``W`` starts at zero: a user-blind start.
-        """
-        if feature_dim != 4 * evidence_dim:
-            raise ValueError(f"the evidence encoder reads the [text, pref, rej, pref - rej] features of an open_clip "
-                             f"backbone: it needs feature_dim = 4 * evidence_dim, got {feature_dim} and {evidence_dim}")
-        if num_anchors or preference_dim:
-            raise ValueError("the evidence encoder has no text anchors and no preference head: "
-                             f"got num_anchors={num_anchors}, preference_dim={preference_dim}")
-        gen = torch.Generator().manual_seed(0)
-        self.evidence_tokens = nn.Parameter(torch.randn(num_tokens, token_dim, generator=gen))
-        self.evidence_map = nn.Linear(evidence_dim, num_tokens * token_dim, bias=False)
-        nn.init.zeros_(self.evidence_map.weight)
-        # 1 / RMS of one pair's difference (set from the training data by ``set_evidence_scale``), so
-        # the map's inputs are O(1) and its learning rate means the same on any backbone.
-        self.register_buffer("evidence_scale", torch.ones(()))
-        self.preference_head = None
-
-    def set_evidence_scale(self, features: torch.Tensor) -> None:
-        """Normalise the evidence by the RMS of single-pair differences, from per-example ``features [N, F]``."""
-        rms = self._preference_difference(features).float().pow(2).mean().sqrt()
-        if not torch.isfinite(rms) or rms <= 0:
-            raise ValueError(f"cannot scale the evidence: the pair differences have RMS {float(rms)} "
-                             "(are all preferred and rejected images identical?)")
-        self.evidence_scale.fill_(float(1.0 / rms))
-
-    def _preference_difference(self, features: torch.Tensor) -> torch.Tensor:
-        """phi(pref) - phi(rej): the last block of the [text, pref, rej, pref - rej] features."""
-        return features[..., -self.config.evidence_dim:]
-
-    def _evidence_forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = mask.to(self.dtype).unsqueeze(-1)
-        diff = self._preference_difference(features).to(self.dtype)
-        evidence = (diff * weights).sum(1) / weights.sum(1) * self.evidence_scale  # (B, E)
-        tokens = self.evidence_tokens + self.evidence_map(evidence).view(-1, *self.evidence_tokens.shape)
-        return nn.functional.layer_norm(tokens, tokens.shape[-1:])
-
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None,
-                return_unscaled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``features [B, k_max, F]``, ``mask [B, k_max]`` (True = real example) -> ``[B, K, d]``.
-
-        ``return_unscaled=True`` also returns the tokens before ``norm_out``'s affine scale (unit
-        scale whatever that scale has become), which is what ``predict_preference`` reads; with text
-        anchors it returns the mixture weights ``[B, K, A]`` instead.
-        """
-        if features.ndim != 3 or features.shape[-1] != self.config.feature_dim:
-            raise ValueError(f"features must be [B, k, {self.config.feature_dim}], got {tuple(features.shape)}")
-        if mask is None:
-            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-        if mask.shape != features.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(features.shape[:2])}, "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
-        if not bool(mask.any(1).all()):  # this is a CPU-GPU sync point, but an empty user would give NaNs
-            empty = (~mask.any(1)).nonzero().flatten().tolist()
-            raise ValueError(f"every user needs at least one real example; rows {empty} are all padding")
-        if self.config.evidence_dim > 0:
-            if return_unscaled:
-                raise ValueError("the evidence encoder has no preference head (return_unscaled)")
-            return self._evidence_forward(features, mask)
+    def encode(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         padding = ~mask
         h = self.embed(features.to(self.dtype))  # (B, k, hidden)
         for block in self.blocks:
@@ -182,89 +168,66 @@ class UserEncoder(ModelMixin, ConfigMixin):
         # Deep-sets path beside the attention pooling: the masked mean of the examples reaches every
         # token directly. Averaging is the natural estimate of a taste from a few choices, and
         # attention pooling alone (softmax over near-identical keys at init) learns it far more slowly.
-        weights = mask.to(h.dtype).unsqueeze(-1)
-        mean = (h * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
+        mean = self._masked_mean(h, mask).unsqueeze(1)
         tokens = seeds + mean + self.pool(seeds, kv, kv, key_padding_mask=padding, need_weights=False)[0]
         tokens = tokens + self.pool_mlp(tokens)
-        if self.config.num_anchors > 0:
-            logits = self.anchor_logits(self.anchor_norm(tokens))  # (B, K, A)
-            if self.config.anchor_evidence:
-                # Zero-shot evidence for each word: how far, on average over the examples, the preferred
-                # image lies beyond the rejected one along the word's text direction. A word that keeps
-                # separating the user's choices ("red" for someone who likes red) is the natural first
-                # guess at their taste; the learned logits correct it.
-                directions = self.all_anchor_directions()
-                diff = features[..., -self.config.preference_dim:].to(directions.dtype)
-                per_example = diff @ directions.T  # (B, k, A)
-                evidence = (per_example * weights).sum(1) / weights.sum(1)
-                logits = logits + self.evidence_log_scale.exp() * evidence.unsqueeze(1).to(logits.dtype)
-            mixture = logits.softmax(-1)
-            anchored = mixture @ self.all_anchors().to(mixture.dtype)
-            return (anchored, mixture) if return_unscaled else anchored
-        projected = self.proj_out(tokens)
-        scaled = self.norm_out(projected)  # (B, K, d)
-        if not return_unscaled:
-            return scaled
-        unscaled = nn.functional.layer_norm(projected, projected.shape[-1:], eps=self.norm_out.eps)
-        return scaled, unscaled
+        return self.norm_out(self.proj_out(tokens))  # (B, K, d)
 
-    def all_anchors(self) -> torch.Tensor:
-        """The anchor bank the tokens mix: the word anchors, then the free ones ``[A + M, token_dim]``."""
-        if self.free_anchor_tokens is None:
-            return self.anchors
-        return torch.cat([self.anchors, self.free_anchor_tokens.to(self.anchors.dtype)])
 
-    def all_anchor_directions(self) -> torch.Tensor:
-        """Backbone-space direction of every anchor ``[A + M, preference_dim]`` (free ones learned)."""
-        if self.free_anchor_directions is None:
-            return self.anchor_directions
-        return torch.cat([self.anchor_directions, self.free_anchor_directions.to(self.anchor_directions.dtype)])
+class EvidenceUserEncoder(UserEncoder):
+    """Evidence head: ``tokens = LN(shared + W @ mean(phi(pref) - phi(rej)))``.
 
-    def set_anchors(self, anchors: torch.Tensor, words: Sequence[str] | None = None,
-                    directions: torch.Tensor | None = None) -> None:
-        """Fill the anchor bank (``[num_anchors, token_dim]``, see ``anchors.build_text_anchors``).
+    The mean embedding difference between preferred and rejected images is the plain estimate of a
+    linear taste from a few choices; one linear map shared by all users turns it into tokens, so every
+    user's pairs train the same few weights (a learned head has to discover that statistic from the
+    DPO signal first, and on the world it did not). ``W`` starts at zero: a user-blind start. It reads
+    the ``[text, pref, rej, pref - rej]`` features of an open_clip backbone (``evidence_dim`` each).
+    """
 
-        ``directions [num_anchors, preference_dim]``: the anchor words embedded by the backbone's text
-        tower, which the preference read-out uses (required when the encoder has one).
-        """
-        if self.config.num_anchors == 0:
-            raise ValueError("this encoder was built with num_anchors=0: it has no anchor bank")
-        if tuple(anchors.shape) != tuple(self.anchors.shape):
-            raise ValueError(f"anchors must have shape {tuple(self.anchors.shape)}, got {tuple(anchors.shape)}")
-        if not torch.isfinite(anchors).all():
-            raise ValueError("anchors hold NaN or inf values")
-        self.anchors.copy_(anchors.to(self.anchors))
-        if self.free_anchor_tokens is not None:
-            with torch.no_grad():  # the average word, spread apart so that each free anchor gets its own gradient
-                spread = anchors.std(0) if len(anchors) > 1 else anchors.abs().mean().expand(anchors.shape[1])
-                noise = torch.randn(self.free_anchor_tokens.shape, generator=torch.Generator().manual_seed(0))
-                self.free_anchor_tokens.copy_((anchors.mean(0) + 0.5 * spread * noise).to(self.free_anchor_tokens))
-        if hasattr(self, "anchor_directions"):
-            if directions is None or tuple(directions.shape) != tuple(self.anchor_directions.shape):
-                raise ValueError(f"this encoder reads preferences through its anchors: pass directions of shape "
-                                 f"{tuple(self.anchor_directions.shape)}, got "
-                                 f"{None if directions is None else tuple(directions.shape)}")
-            self.anchor_directions.copy_(directions.to(self.anchor_directions))
-        if words is not None:
-            self.register_to_config(anchor_words=list(words))
+    @register_to_config
+    def __init__(self, feature_dim: int, num_tokens: int = 4, token_dim: int = 768, evidence_dim: int = 64):
+        super().__init__()
+        if evidence_dim < 1 or feature_dim != 4 * evidence_dim:
+            raise ValueError(f"the evidence encoder reads the [text, pref, rej, pref - rej] features of an open_clip "
+                             f"backbone: it needs feature_dim = 4 * evidence_dim, got {feature_dim} and {evidence_dim}")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens={num_tokens} must be >= 1")
+        gen = torch.Generator().manual_seed(0)
+        self.evidence_tokens = nn.Parameter(torch.randn(num_tokens, token_dim, generator=gen))
+        self.evidence_map = nn.Linear(evidence_dim, num_tokens * token_dim, bias=False)
+        nn.init.zeros_(self.evidence_map.weight)
+        # 1 / RMS of one pair's difference (set from the training data by ``set_evidence_scale``), so
+        # the map's inputs are O(1) and its learning rate means the same on any backbone.
+        self.register_buffer("evidence_scale", torch.ones(()))
 
-    def predict_preference(self, unscaled_tokens: torch.Tensor, image_diff: torch.Tensor) -> torch.Tensor:
-        """Logit that the user prefers image a over b: ``head(tokens) . (phi(a) - phi(b))``, shape [B].
+    def preference_difference(self, features: torch.Tensor) -> torch.Tensor:
+        """phi(pref) - phi(rej): the last block of the [text, pref, rej, pref - rej] features."""
+        return features[..., -self.config.evidence_dim:]
 
-        Bradley-Terry over backbone image embeddings, with the user's reward direction read from
-        their tokens. Trained on the pair being denoised (never in its own context), it gives the
-        head a direct, low-variance signal about each user's taste from the first step, where the
-        DPO gradient through the UNet is weak and noisy while the user branch is still small.
-        """
-        if self.config.num_anchors > 0 and self.config.preference_dim > 0:
-            # unscaled_tokens are the mixture weights [B, K, A]: the user's reward direction is the
-            # average over tokens of their anchor words' backbone embeddings.
-            direction = unscaled_tokens.mean(1) @ self.all_anchor_directions().to(unscaled_tokens.dtype)
-            return self.preference_log_scale.exp() * (direction * image_diff.to(direction.dtype)).sum(-1)
-        if self.preference_head is None:
-            raise ValueError("this encoder was built with preference_dim=0: it has no preference head")
-        direction = self.preference_head(unscaled_tokens.flatten(1).to(self.dtype))
-        return (direction * image_diff.to(direction.dtype)).sum(-1)
+    def set_evidence_scale(self, features: torch.Tensor) -> None:
+        """Normalise the evidence by the RMS of single-pair differences, from per-example ``features [N, F]``."""
+        rms = self.preference_difference(features).float().pow(2).mean().sqrt()
+        if not torch.isfinite(rms) or rms <= 0:
+            raise ValueError(f"cannot scale the evidence: the pair differences have RMS {float(rms)} "
+                             "(are all preferred and rejected images identical?)")
+        self.evidence_scale.fill_(float(1.0 / rms))
+
+    def encode(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        diff = self.preference_difference(features).to(self.dtype)
+        evidence = self._masked_mean(diff, mask) * self.evidence_scale  # (B, E)
+        tokens = self.evidence_tokens + self.evidence_map(evidence).view(-1, *self.evidence_tokens.shape)
+        return nn.functional.layer_norm(tokens, tokens.shape[-1:])
+
+
+ENCODERS: dict[str, type[UserEncoder]] = {"set": SetUserEncoder, "evidence": EvidenceUserEncoder}
+ENCODERS_BY_CLASS = {cls.__name__: cls for cls in ENCODERS.values()}
+
+
+def build_user_encoder(kind: str, **kwargs) -> UserEncoder:
+    """``kind`` ('set' | 'evidence', the ``ppd_encoder`` key) built with its own keyword arguments."""
+    if kind not in ENCODERS:
+        raise ValueError(f"unknown user encoder {kind!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[kind](**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

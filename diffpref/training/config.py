@@ -9,6 +9,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 NAN_POLICIES = ("stop", "skip")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
+CONDITIONINGS = ("none", "ppd")
 
 # Per-method beta defaults in the -beta/2 form of diffusion_dpo_loss (papers' settings for SD1.5).
 DEFAULT_BETA = {"dpo": 5000.0, "inpo": 2000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0, "ppd": 5000.0}
@@ -65,8 +66,10 @@ class TrainConfig:
     eval_users: str | None = field(default=None, metadata={"help": "users JSON for evaluation (default: users.json beside world data)"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | none"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
-    # PPD (method=ppd): the base UNet stays frozen; the user encoder head and the new user-attention
-    # projections train (plus LoRA when lora_rank > 0).
+    # PPD (conditioning: ppd, or a `ppd:` section in the YAML): DPO plus user conditioning. The base UNet
+    # stays frozen; the user encoder head and the new user-attention projections train (plus LoRA when
+    # lora_rank > 0). Keys of recipes that never shipped are gone: reports/ppd_experiments.md.
+    conditioning: str = field(default="none", metadata={"help": "none | ppd: what the UNet is conditioned on besides the prompt (ppd: a user's few-shot choices, read by the ppd_* keys; a `ppd:` section in the YAML sets it)"})
     ppd_num_tokens: int = field(default=4, metadata={"help": "PPD: user tokens K read by the UNet"})
     ppd_blocks: str = field(default="all", metadata={"help": "PPD: 'all' or comma-separated UNet block prefixes that get user attention"})
     ppd_backbone: str = field(default="embedded", metadata={"help": "PPD: 'embedded' (world CLIP) or an open_clip local-dir folder"})
@@ -76,21 +79,18 @@ class TrainConfig:
     ppd_hidden: int = field(default=128, metadata={"help": "PPD: width of the user encoder head"})
     ppd_layers: int = field(default=2, metadata={"help": "PPD: set-transformer layers of the head"})
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
-    ppd_preference_weight: float = field(default=0.0, metadata={"help": "PPD: weight of the auxiliary loss that trains the encoder to predict the trained pair's choice from the user tokens (0 = off, plain DPO as in the paper)"})
-    ppd_encoder: str = field(default="set", metadata={"help": "PPD: 'set' (set-transformer head over the examples' backbone features) or 'evidence' (tokens = shared tokens + one learned linear map of the mean preferred-minus-rejected image embedding: the plain few-shot estimate of a linear taste, trained by every user's pairs)"})
-    ppd_user_table: bool = field(default=False, metadata={"help": "PPD: the UNet trains on one learned token set per training user (DPO finds each user's tokens directly) while the encoder learns to predict those tokens from few-shot context; only the encoder ships"})
-    ppd_table_rank: int = field(default=0, metadata={"help": "PPD with ppd_user_table: > 0 makes each user a point in a learned taste space of this many dimensions (tokens = shared + coordinates @ basis); 0 = a free token set per user. Few numbers per user learn from few pairs, and the encoder has a simpler map to learn"})
-    ppd_encoder_fit_steps: int = field(default=0, metadata={"help": "PPD with ppd_user_table: after DPO, this many steps fitting the encoder to the final (fixed) table tokens on the cached context; the joint regression chases a moving target and under-fits"})
-    ppd_distill_weight: float = field(default=1.0, metadata={"help": "PPD with ppd_user_table: weight of the encoder's regression onto the table tokens"})
-    ppd_anchors: int = field(default=0, metadata={"help": "PPD: > 0 makes user tokens mixtures of this many text anchors (the text encoder's states of the training prompts' most frequent words), so the user branch steers like text from the start; 0 = free tokens"})
-    ppd_free_anchors: int = field(default=0, metadata={"help": "PPD with ppd_anchors: this many learned anchor tokens beside the words, for tastes no prompt word names (size, brightness)"})
-    ppd_anchor_evidence: bool = field(default=True, metadata={"help": "PPD with ppd_anchors: add to each anchor's logit how well its word's backbone text direction separates the user's preferred from rejected images (open_clip backbones)"})
+    ppd_encoder: str = field(default="set", metadata={"help": "PPD: 'set' (set-transformer head over the examples' backbone features; its tokens start at 0.05 scale) or 'evidence' (tokens = shared tokens + one learned linear map of the mean preferred-minus-rejected image embedding: the plain few-shot estimate of a linear taste, trained by every user's pairs)"})
     ppd_attention_lr: float | None = field(default=None, metadata={"help": "PPD: learning rate of the UNet's user projections (and LoRA); default learning_rate. The head's small fresh weights want a far larger rate than copies of the UNet's"})
     ppd_value_init_scale: float = field(default=1.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v (below 1: the user branch starts weaker than the text attention)"})
     ppd_init_adapter: str | None = field(default=None, metadata={"help": "PPD: start the user encoder and the user projections from this trained adapter ('embedded-ppd' or a folder) instead of fresh; e.g. a round on its own on-policy pairs (`diffpref world policy-pairs`). Its encoder settings and token count must match this config's"})
-    ppd_token_scale_init: float = field(default=0.05, metadata={"help": "PPD: initial scale of user tokens (small: start next to the base model)"})
 
     def __post_init__(self):
+        if self.method == "ppd":
+            # The alias older configs and commands use: PPD is DPO plus user conditioning.
+            if self.conditioning not in ("none", "ppd"):
+                raise ValueError(f"method: ppd means method: dpo with conditioning: ppd, but conditioning="
+                                 f"{self.conditioning!r}; drop one of them")
+            self.method, self.conditioning = "dpo", "ppd"
         _choice("method", self.method, METHODS)
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("attention", self.attention, ("sdpa", "xformers"))
@@ -110,27 +110,16 @@ class TrainConfig:
             raise ValueError(f"prompt_dropout={self.prompt_dropout} must lie in [0, 1)")
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.method]
-        if self.method == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
+        _choice("conditioning", self.conditioning, CONDITIONINGS)
+        if self.conditioning == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
             raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
         _choice("ppd_encoder", self.ppd_encoder, ("set", "evidence"))
-        if self.ppd_encoder == "evidence" and (self.ppd_anchors or self.ppd_user_table or self.ppd_preference_weight):
-            raise ValueError("ppd_encoder: evidence is its own token model: it takes no ppd_anchors, ppd_user_table or "
-                             f"ppd_preference_weight (got {self.ppd_anchors}, {self.ppd_user_table}, "
-                             f"{self.ppd_preference_weight}); set them to 0/false or use ppd_encoder: set")
-        if self.ppd_anchors < 0:
-            raise ValueError(f"ppd_anchors={self.ppd_anchors} must be >= 0 (0 = free user tokens)")
-        if self.ppd_free_anchors < 0 or (self.ppd_free_anchors > 0 and self.ppd_anchors == 0):
-            raise ValueError(f"ppd_free_anchors={self.ppd_free_anchors}: must be >= 0, and > 0 only with ppd_anchors > 0 "
-                             "(learned anchors sit beside the word anchors)")
+        if self.conditioning == "ppd" and self.method != "dpo":
+            raise ValueError(f"conditioning: ppd trains with Diffusion-DPO (PPD is DPO plus user conditioning); "
+                             f"got method={self.method!r}: set method: dpo")
         if self.ppd_value_init_scale <= 0:
             raise ValueError(f"ppd_value_init_scale={self.ppd_value_init_scale} must be > 0 (the user values start as "
                              "this multiple of to_v; 0 would give no gradient to anything behind them)")
-        if self.ppd_table_rank < 0 or self.ppd_encoder_fit_steps < 0:
-            raise ValueError(f"ppd_table_rank={self.ppd_table_rank} and ppd_encoder_fit_steps={self.ppd_encoder_fit_steps} "
-                             "must be >= 0")
-        if (self.ppd_table_rank or self.ppd_encoder_fit_steps) and not self.ppd_user_table:
-            raise ValueError("ppd_table_rank and ppd_encoder_fit_steps shape the per-user token table: set "
-                             "ppd_user_table: true, or leave them at 0")
         if self.ppd_attention_lr is not None and self.ppd_attention_lr < 0:
             raise ValueError(f"ppd_attention_lr={self.ppd_attention_lr} must be >= 0 (0 freezes the user projections)")
         if self.lora_alpha is None:
@@ -145,7 +134,7 @@ class TrainConfig:
 
     @property
     def is_full_finetune(self) -> bool:
-        return self.lora_rank == 0 and self.method != "ppd"
+        return self.lora_rank == 0 and self.conditioning == "none"
 
     @property
     def is_lora(self) -> bool:
