@@ -404,7 +404,7 @@ def test_conditioner_setup_returns_every_trainable_parameter_in_its_groups(ppd_p
     conditioner, unet, groups = _setup(ppd_parts, ppd_attention_lr=5e-5)
     [encoder] = conditioner.modules
     # ppd_attention_lr: the UNet's new user projections at their own rate, the head at the optimizer's
-    assert [g.get("lr") for g in groups] == [5e-5, None]
+    assert [(g.get("name"), g.get("lr")) for g in groups] == [("attention", 5e-5), (None, None)]
     assert _ids(groups[0]["params"]) == _ids(user_attention_parameters(unet)) == _ids(
         p for p in unet.parameters() if p.requires_grad)
     assert _ids(groups[1]["params"]) == _ids(encoder.parameters())

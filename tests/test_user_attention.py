@@ -87,14 +87,19 @@ def test_user_changes_the_output_continuously_with_scale(kind):
 
     out_a = run_unet(unet, inputs, user_a)
     out_b = run_unet(unet, inputs, user_b)
-    assert not torch.allclose(out_a, reference, atol=1e-4)
-    assert not torch.allclose(out_a, out_b, atol=1e-4)
+
+    def cosine(x, y):
+        return float(torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0))
 
     set_user_scale(unet, 0.5)
     out_half = run_unet(unet, inputs, user_a)
     full = (out_a - reference).norm()
     assert 0 < (out_half - reference).norm() < full
     assert 0 < (out_a - out_half).norm() < full
+    # half the scale moves the output the same way as the full one (a flipped sign would point it back),
+    # and another user moves it another way
+    assert cosine(out_half - reference, out_a - reference) > 0.9
+    assert cosine(out_b - reference, out_a - reference) < cosine(out_half - reference, out_a - reference)
     set_user_scale(unet, 1e-4)
     assert (run_unet(unet, inputs, user_a) - reference).norm() < 1e-2 * full
 
@@ -252,13 +257,15 @@ def test_gradients_reach_only_the_user_projections():
 
     inputs = unet_inputs("sdxl")
     inputs["encoder_hidden_states"] = concat_user_tokens(inputs["encoder_hidden_states"], random_user("sdxl", 0), K)
-    unet(**inputs).sample.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    loss = unet(**inputs).sample.square().mean()
+    loss.backward()
+    assert all(p.grad.abs().sum() > 0 for p in params)
     assert all(p.grad is None for p in frozen)
 
-    trained = [p.detach().clone() for p in params]
-    torch.optim.SGD(params, lr=10.0).step()
-    assert all(not torch.equal(p, t) for p, t in zip(params, trained))
+    # a small step down the user projections' gradient lowers the loss: they, and only they, train
+    torch.optim.SGD(params, lr=1e-2).step()
+    with torch.no_grad():
+        assert float(unet(**inputs).sample.square().mean()) < float(loss)
     assert all(torch.equal(p, b) for p, b in zip(frozen, before))
 
 

@@ -17,7 +17,11 @@ import torch
 from diffpref.personalize.adapter import save_ppd_adapter
 from diffpref.personalize.attention import concat_user_tokens, install_user_attention
 from diffpref.personalize.context import ContextBank, build_context_bank
-from diffpref.personalize.encoder import EvidenceUserEncoder, UserEncoder, build_user_encoder
+from diffpref.personalize.encoder import (
+    EvidenceUserEncoder,
+    UserEncoder,
+    build_user_encoder,
+)
 from diffpref.training import randomness
 
 
@@ -115,7 +119,8 @@ class PPDConditioner:
             return [{"params": unet_params + head_params}]
         # The user projections start as (scaled) copies of the UNet's own; at the head's learning rate Adam
         # would move each of their small weights by more than its size within a few hundred steps.
-        return [{"params": unet_params, "lr": cfg.ppd_attention_lr}, {"params": head_params}]
+        # Named, so that the trainer logs its rate as ``attention_lr``.
+        return [{"params": unet_params, "lr": cfg.ppd_attention_lr, "name": "attention"}, {"params": head_params}]
 
     def bind(self, modules: list[torch.nn.Module]) -> None:
         """Take back the encoder as ``accelerator.prepare`` returned it (maybe wrapped for DDP)."""
