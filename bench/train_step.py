@@ -5,21 +5,23 @@
     python bench/train_step.py --json --config sd15 --lora-rank 0       # full fine-tuning
     python bench/train_step.py --flops --config sd15 --batch-pairs 8    # UNet fwd+bwd MFU (GPU)
 
-"ours" is one optimizer step as ``diffpref.training.trainer.train`` runs it: items read from a real
-``PreferenceCache`` (VAE latents and prompt embeddings encoded once, before training), the trainer's
-per-sample noise/timesteps/prompt dropout, ``paired_preference`` with the reference pass under
-``adapters_disabled`` (LoRA) or through a frozen copy (full), AdamW with gradient clipping.
+"ours" is one optimizer step of the trainer itself: ``diffpref.training.step.prepare_training`` sets up
+the bench's UNet (LoRA, or full fine-tuning with a frozen reference copy) on a real ``PreferenceCache``
+(VAE latents and prompt embeddings encoded once, before training) and ``training_step`` runs the step
+``diffpref.training.trainer.train`` loops over (per-sample noise/timesteps/prompt dropout, the registered
+objective, AdamW with gradient clipping). Nothing of it is copied here.
 
 "reference" is the same step written the way the Diffusion-DPO public training script does it: a
 separately loaded frozen reference UNet (also for LoRA), the VAE encoding both images and the text
 encoder(s) running on every step, and the DPO loss written out inline. Image decoding is left out of
 both (the public scripts do it in DataLoader workers), which if anything flatters the reference loop.
 
-``--method ppd`` (personalization): "ours" is the trainer's PPD step (frozen base UNet with the
-decoupled user cross-attention; the user encoder head and the user projections train; user tokens
-from the cached backbone embeddings of k of the user's other pairs, ``PPDConditioner``; reference =
-the same UNet with no user). "reference" runs the VAE, the text encoder and the CLIP backbone on
-the context examples on every step, and a separate frozen copy of the base UNet as the reference.
+``--method ppd`` (personalization): "ours" is the trainer's PPD step (DPO with ``conditioning: ppd``: the
+``PPDConditioner`` that ``diffpref.launch.build_parts`` builds appends user tokens from the cached backbone
+embeddings of k of the user's other pairs; the frozen base UNet gets the decoupled user cross-attention;
+the user encoder head and the user projections train; reference = the same UNet with no user).
+"reference" runs the VAE, the text encoder and the CLIP backbone on the context examples on every step,
+and a separate frozen copy of the base UNet as the reference.
 
 Both variants use the same UNet config, batch, optimizer and precision, and an objective check at
 start-up asserts that they compute the same loss on the same latents, noise and timesteps.
@@ -50,14 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from bench_timing import device_label, sync, time_abba  # noqa: E402  (beside this script)
+
 from diffpref.models.builders import WORLD_SCHEDULER_CONFIG, WORLD_UNET_CONFIG  # noqa: E402
+from diffpref.training.config import DEFAULT_BETA  # noqa: E402
 
 CONFIGS = ("embedded", "sd15", "sdxl")
 METHODS = ("dpo", "inpo", "ppd")
 GPU_ONLY = ("sd15", "sdxl")
-BETA = {"dpo": 5000.0, "inpo": 2000.0, "ppd": 5000.0}  # trainer defaults, -beta/2 form
+BETA = {**DEFAULT_BETA, "ppd": DEFAULT_BETA["dpo"]}  # the trainer's defaults (-beta/2 form); PPD trains DPO
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 PROMPT_DROPOUT = 0.1
@@ -267,7 +270,7 @@ def ppd_reference_inputs(manifest: Path, backbone) -> dict:
             "user_index": torch.tensor([users.index(r["user_id"]) for r in records])}
 
 
-# ----------------------------------------------------------------------------- shared set-up
+# ----------------------------------------------------------------------------- precision, LoRA
 def _lora_config(rank: int):
     from peft import LoraConfig
 
@@ -299,7 +302,9 @@ def _autocast(device: torch.device, dtype):
     return contextlib.nullcontext()
 
 
-class Variant:
+class ReferenceOptimizer:
+    """The reference-style loop's own optimizer step (ours is the trainer's, in ``training_step``)."""
+
     name: str
     policy_unet: torch.nn.Module
 
@@ -328,129 +333,68 @@ class Variant:
 
 
 # ----------------------------------------------------------------------------- ours
-class CachedTrainerStep(Variant):
-    """One optimizer step as ``diffpref.training.trainer.train`` runs it (single process)."""
+class TrainerStep:
+    """One optimizer step of ``diffpref.training.trainer.train``: its own ``prepare_training`` and
+    ``training_step`` (single process), on the bench's UNet and cache."""
 
     name = "ours"
 
-    def __init__(self, unet, cache, schedule, method: str, lora_rank: int, batch_pairs: int, device, seed: int = 0):
-        from diffpref.training.trainer import adapters_disabled
+    def __init__(self, cfg, unet, cache, schedule, device, conditioner=None):
+        from accelerate import Accelerator
 
-        self.cache, self.schedule, self.method = cache, schedule, method
-        self.batch_pairs, self.device, self.seed, self.dtype = batch_pairs, device, seed, torch.float32
-        self.resolution = cache.resolution
-        self.is_lora = lora_rank > 0
-        unet = unet.to(device)
-        if self.is_lora:
-            self.policy_unet, self.reference_unet = _add_lora(unet, lora_rank, seed), None
+        from diffpref.training.step import prepare_training
+
+        # Mixed precision is the bench's own (``finalize``): the objective check runs first, in fp32.
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        self.cfg, self.device, self.dtype, self.step_index = cfg, device, torch.float32, 0
+        self.parts = prepare_training(cfg, self.accelerator, unet.to(device), cache, schedule, conditioner,
+                                      weight_dtype=torch.float32)
+        self.conditioner, self.is_lora = conditioner, cfg.lora_rank > 0
+
+    @property
+    def policy_unet(self):
+        return self.parts.raw_unet
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.accelerator.unwrap_model(m) for m in self.parts.models]
+
+    def finalize(self, dtype):
+        """The trainer's mixed-precision layout: frozen weights in ``dtype``, trainable weights fp32."""
+        self.dtype = dtype
+        if self.parts.reference_unet is not None:
+            self.parts.reference_unet.to(dtype)
         else:
-            self.policy_unet = unet.requires_grad_(True)
-            self.reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-
-        self.policy = self.denoiser(self.policy_unet)
-        if self.is_lora:
-            def reference(x, t, cond):
-                with adapters_disabled(self.policy_unet):
-                    return self.denoiser(self.policy_unet)(x, t, cond)
-            self.reference = reference
-        else:
-            self.reference = self.denoiser(self.reference_unet)
-
-    def denoiser(self, model):
-        """The trainer's denoiser: eps of ``model`` given the cached conditioning (autocast on CUDA)."""
-        from diffpref.training.conditioning import added_cond_kwargs
-
-        def run(x, t, cond):
-            extra = added_cond_kwargs(self.policy_unet, cond, self.resolution, x.shape[0])
-            with _autocast(self.device, self.dtype):
-                return model(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=extra).sample.float()
-        return run
-
-    def _cast(self, dtype):
-        if self.is_lora:
             _cast_frozen(self.policy_unet, dtype)
-        else:
-            self.reference_unet.to(dtype)
 
-    def objective(self, batch, noise, t, beta, generator=None):
-        from diffpref.training.objectives import paired_preference
+    def objective(self, batch, noise, t):
+        from diffpref.training.step import objective_output
 
-        return paired_preference(batch, self.policy, self.reference, self.schedule, noise, t, beta, self.method,
-                                 INVERSION_STEPS, 0.0, generator, inversion_model=INVERSION_MODEL)
-
-    def condition(self, batch, indices, generators):
-        """Extra conditioning of the batch, in place; returns an auxiliary loss or None (none for DPO/InPO)."""
-        return None
+        return objective_output(self.parts, batch, noise, t)
 
     def step(self) -> float:
-        from diffpref.training import randomness
-        from diffpref.training.trainer import _collate, _to_device
+        from diffpref.training.step import training_step
 
-        step, n = self.step_index, self.batch_pairs
-        indices = randomness.global_batch_indices(step, len(self.cache), n, self.seed)
-        gens = randomness.sample_generators(step, range(n), self.seed)
-        t = randomness.per_sample_timesteps(gens, len(self.schedule.alphas_cumprod))
-        drop = randomness.per_sample_uniform(gens) < PROMPT_DROPOUT
-        items = [self.cache[int(i)] for i in indices]
-        noise = randomness.per_sample_noise(gens, tuple(items[0]["latents_0"].shape))
-        batch = _to_device(_collate(items, self.cache.empty_prompt_cond, drop), self.device, torch.float32)
-        noise, t = noise.to(self.device), t.to(self.device)
-        aux_loss = self.condition(batch, indices, gens)
-        inversion_gen = torch.Generator().manual_seed(randomness.mix(self.seed, step, 0, 0x1A0))
-        out = self.objective(batch, noise, t, BETA[self.method], inversion_gen)
-        loss = out.loss.mean() if aux_loss is None else out.loss.mean() + aux_loss.mean()
-        grad_norm = self._optimizer_step(loss)
-        # The trainer logs loss, metrics and the grad norm every step: host syncs it pays, so we pay them too.
-        return float(loss.item()) + 0.0 * sum(out.metrics.values()) + 0.0 * float(grad_norm)
+        with _autocast(self.device, self.dtype):  # what accelerate's mixed precision does in the trainer
+            result = training_step(self.parts, self.step_index)
+        self.step_index += 1
+        return result.metrics["loss"]
 
 
-class CachedTrainerPPDStep(CachedTrainerStep):
-    """The trainer's PPD step: ``PPDConditioner`` appends user tokens, the reference is the same UNet with no user."""
-
-    def __init__(self, unet, cache, schedule, batch_pairs: int, device, ppd: dict, config: str, seed: int = 0):
-        from accelerate import PartialState
-
-        from diffpref.personalize.training import PPDConditioner
-
-        self.cache, self.schedule, self.method = cache, schedule, "dpo"  # PPD's objective is Diffusion-DPO
-        self.batch_pairs, self.device, self.seed, self.dtype = batch_pairs, device, seed, torch.float32
-        self.resolution, self.is_lora, self.reference_unet = cache.resolution, False, None
-        # As the trainer: the base is frozen before the user attention is installed; the head's init is seeded.
-        self.policy_unet = unet.to(device).requires_grad_(False)
-        torch.manual_seed(seed)
-        state = PartialState(cpu=device.type == "cpu")  # what PPDConditioner.build reads of the accelerator
-        self.user = PPDConditioner.build(ppd_train_config(config, ppd), self.policy_unet, cache, state)
-
-        self.policy = self.denoiser(self.policy_unet)
-
-        def reference(x, t, cond):  # the base model: the same UNet, no user (zero tokens add exactly nothing)
-            return self.policy(x, t, {**cond, "prompt_embeds": self.user.without_user(cond["prompt_embeds"])})
-
-        self.reference = reference
-
-    def trainable_modules(self):
-        return [self.policy_unet, self.user.encoder]
-
-    def _cast(self, dtype):
-        _cast_frozen(self.policy_unet, dtype)  # frozen base in dtype, user projections fp32; the head stays fp32
-
-    def condition(self, batch, indices, generators):
-        # PPDConditioner.condition -> (text + user tokens, auxiliary loss or None, metrics), as the trainer reads it
-        batch["cond"]["prompt_embeds"], aux_loss, _ = self.user.condition(batch["cond"]["prompt_embeds"], indices,
-                                                                          generators)
-        return aux_loss
-
-
-def ppd_train_config(config: str, ppd: dict):
-    """The trainer's config of a PPD run on the bench data (TrainConfig defaults otherwise)."""
+def train_config(args, data_path: str, ppd: dict | None = None):
+    """The trainer's config of the bench run: its defaults, with the bench's batch, rank and backend."""
     from diffpref.training.config import TrainConfig
 
-    return TrainConfig(method="ppd", data_path=ppd["data_path"], ppd_backbone=ppd["backbone"], lora_rank=0,
-                       ppd_hidden=PPD_HIDDEN[config], report_to="none")
+    common = dict(data_path=data_path, train_batch_size=args.batch_pairs, learning_rate=LEARNING_RATE,
+                  max_grad_norm=MAX_GRAD_NORM, prompt_dropout=PROMPT_DROPOUT, inversion_steps=INVERSION_STEPS,
+                  inversion_model=INVERSION_MODEL, attention=args.attention, report_to="none", seed=0)
+    if args.method == "ppd":  # DPO plus user conditioning, no LoRA (as configs/*_ppd.yaml)
+        return TrainConfig(method="dpo", conditioning="ppd", lora_rank=0, ppd_backbone=ppd["backbone"],
+                           ppd_hidden=PPD_HIDDEN[args.config], **common)
+    return TrainConfig(method=args.method, lora_rank=args.lora_rank, **common)
 
 
 # ----------------------------------------------------------------------------- reference style
-class ReferenceStyleStep(Variant):
+class ReferenceStyleStep(ReferenceOptimizer):
     """A Diffusion-DPO-style training step: frozen ref UNet copy, VAE and text encoder(s) on every step."""
 
     name = "reference"
@@ -638,28 +582,31 @@ class ReferenceStylePPDStep(ReferenceStyleStep):
 
 
 # ----------------------------------------------------------------------------- building both
-def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, device, ppd: dict | None = None):
-    """``ppd``: {"data_path": the pair manifest, "backbone": the ppd_backbone} for ``--method ppd``."""
-    from diffpref.training.objectives import NoiseSchedule
-
+def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, device, ppd: dict | None = None,
+                 data_path: str = ""):
+    """``ppd``: {"data_path": the pair manifest, "backbone": the ppd_backbone} for ``--method ppd``;
+    ``data_path``: the pair manifest (the trainer's config names it; PPD's context bank is keyed by it)."""
     from diffusers import DDIMScheduler
 
+    from diffpref.training.objectives import NoiseSchedule
+
     scheduler = parts["scheduler"] if parts else DDIMScheduler(**WORLD_SCHEDULER_CONFIG)
+    cfg = train_config(args, data_path, ppd)
     if kind == "ours":
+        from diffpref.launch import build_parts
+
         schedule = NoiseSchedule(scheduler.alphas_cumprod.clone(), scheduler.config.get("prediction_type", "epsilon"))
-        if args.method == "ppd":
-            return CachedTrainerPPDStep(base_unet, cache, schedule, args.batch_pairs, device, ppd, args.config)
-        return CachedTrainerStep(base_unet, cache, schedule, args.method, args.lora_rank, args.batch_pairs, device)
+        conditioner, _ = build_parts(cfg)  # PPD: the trainer's PPDConditioner, as `diffpref train` builds it
+        return TrainerStep(cfg, base_unet, cache, schedule, device, conditioner)
     reference_unet = copy.deepcopy(base_unet)  # "loaded twice": a separate frozen copy, even for LoRA
     if args.method == "ppd":
-        from diffpref.personalize.encoder import UserEncoder
+        from diffpref.personalize.encoder import SetUserEncoder
 
-        cfg = ppd_train_config(args.config, ppd)
         backbone = load_ppd_backbone(ppd["backbone"], device)
-        # The trainer's head (PPDConditioner.build); perturb_and_share gives it ours' weights.
-        encoder = UserEncoder(feature_dim=backbone.feature_dim, num_tokens=cfg.ppd_num_tokens,
-                              token_dim=int(base_unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
-                              layers=cfg.ppd_layers, heads=cfg.ppd_heads, output_scale_init=cfg.ppd_token_scale_init)
+        # The trainer's head (PPDConditioner.setup); perturb_and_share gives it ours' weights.
+        encoder = SetUserEncoder(feature_dim=backbone.feature_dim, num_tokens=cfg.ppd_num_tokens,
+                                 token_dim=int(base_unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
+                                 layers=cfg.ppd_layers, heads=cfg.ppd_heads)
         return ReferenceStylePPDStep(base_unet, reference_unet, parts, data, args.batch_pairs, resolution_of(args),
                                      device, backbone, encoder, cfg.ppd_num_tokens, cfg)
     return ReferenceStyleStep(base_unet, reference_unet, parts, data, args.method, args.lora_rank, args.batch_pairs,
@@ -667,7 +614,7 @@ def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, de
 
 
 @torch.no_grad()
-def perturb_and_share(ours: CachedTrainerStep, reference: ReferenceStyleStep, seed: int = 1):
+def perturb_and_share(ours: TrainerStep, reference: ReferenceStyleStep, seed: int = 1):
     """Move the trainable weights off their init (LoRA B starts at 0, so policy == reference would make the
     objective check trivial), identically in both variants."""
     gen = torch.Generator().manual_seed(seed)
@@ -682,41 +629,41 @@ def perturb_and_share(ours: CachedTrainerStep, reference: ReferenceStyleStep, se
 
 
 @torch.no_grad()
-def objective_check(ours: CachedTrainerStep, reference: ReferenceStyleStep, n_pairs: int = 2) -> dict:
+def objective_check(ours: TrainerStep, reference: ReferenceStyleStep, n_pairs: int = 2) -> dict:
     """Both variants' loss on the same cached latents, prompt embeddings, noise and timesteps (fp32)."""
     from diffpref.training.conditioning import added_cond_kwargs
-    from diffpref.training.trainer import _collate, _to_device
+    from diffpref.training.step import collate, to_device
 
-    device = ours.device
+    device, cache = ours.device, ours.parts.cache
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        items = [ours.cache[i] for i in range(n_pairs)]
-        batch = _to_device(_collate(items, ours.cache.empty_prompt_cond, torch.zeros(n_pairs, dtype=torch.bool)),
-                           device, torch.float32)
+        items = [cache[i] for i in range(n_pairs)]
+        batch = to_device(collate(items, cache.empty_prompt_cond, torch.zeros(n_pairs, dtype=torch.bool)),
+                          device, torch.float32)
         gen = torch.Generator().manual_seed(123)
         noise = torch.randn((n_pairs, *items[0]["latents_0"].shape), generator=gen).to(device)
         t = torch.randint(0, 1000, (n_pairs,), generator=gen).to(device)
-        beta = BETA[ours.method]
+        beta = ours.cfg.beta
         cond = batch["cond"]
         embeds, ref_embeds, extra = cond["prompt_embeds"], None, {}
-        if isinstance(ours, CachedTrainerPPDStep):
+        if ours.conditioner is not None:
             # The same 2 context pairs per sample: ours reads their cached embeddings, the reference runs the backbone.
             from diffpref.personalize.attention import concat_user_tokens
 
             context = [_other_pairs(reference.user_index, i)[:2] for i in range(n_pairs)]
-            features = torch.stack([ours.user.bank.features(rows) for rows in context]).to(device)
-            tokens_ours, tokens_reference = ours.user.encoder(features), reference.user_tokens(context)
+            features = torch.stack([ours.conditioner.bank.features(rows) for rows in context]).to(device)
+            tokens_ours, tokens_reference = ours.conditioner.encoder(features), reference.user_tokens(context)
             extra["user_tokens_abs_diff"] = float((tokens_ours - tokens_reference).abs().max())
             if not extra["user_tokens_abs_diff"] <= TOKENS_TOLERANCE:
                 raise AssertionError(f"user tokens differ: {extra['user_tokens_abs_diff']:.2e} > {TOKENS_TOLERANCE}")
-            num_tokens = ours.user.num_tokens
+            num_tokens = ours.conditioner.num_tokens
             cond["prompt_embeds"] = concat_user_tokens(embeds, tokens_ours, num_tokens)
             embeds, ref_embeds = concat_user_tokens(embeds, tokens_reference, num_tokens), embeds.repeat(2, 1, 1)
-        loss_ours = ours.objective(batch, noise, t, beta).loss.mean()
+        loss_ours = ours.objective(batch, noise, t).loss.mean()
         latents = torch.cat([batch["latents_0"], batch["latents_1"]])
         added = added_cond_kwargs(ours.policy_unet, {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in cond.items()},
-                                  ours.resolution, 2 * n_pairs)
+                                  cache.resolution, 2 * n_pairs)
         loss_reference, _ = reference.dpo_loss(latents, noise.repeat(2, 1, 1, 1), t.repeat(2), embeds.repeat(2, 1, 1),
                                                added, beta, ref_embeds)
     finally:
@@ -739,8 +686,8 @@ def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, m
     """Write the pair data, build the trainer's cache from it (timed), and the reference loop's inputs.
 
     PPD: also the trainer's context bank (every pair's backbone embeddings, saved beside the latent
-    cache, where ``PPDConditioner.build`` finds it; timed with the cache) and the reference loop's
-    CLIP inputs. Returns (cache, data, encode seconds, ppd set-up or None)."""
+    cache, where ``PPDConditioner.setup`` finds it; timed with the cache) and the reference loop's
+    CLIP inputs. Returns (cache, data, encode seconds, ppd set-up or None, the pair manifest)."""
     from diffpref.training.cache import build_preference_cache
 
     resolution = resolution or RESOLUTION[config]
@@ -756,15 +703,15 @@ def build_cache(config: str, parts: dict, workdir: Path, n_pairs: int, device, m
     if ppd is not None:
         from diffpref.personalize.context import build_context_bank
 
-        cfg = ppd_train_config(config, ppd)
-        build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone, progress=False)
+        # as PPDConditioner.setup builds it (tie_policy: the trainer's default, drop)
+        build_context_bank(cache, backbone, ppd["data_path"], "drop", ppd["backbone"], progress=False)
     sync(device)
     encode_s = time.perf_counter() - started
     data = reference_inputs(manifest, prompts, parts, resolution)
     if ppd is not None:
         data.update(ppd_reference_inputs(manifest, backbone))
         del backbone
-    return cache, data, encode_s, ppd
+    return cache, data, encode_s, ppd, str(manifest)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -805,20 +752,21 @@ def _memory_worker(args) -> dict:
     """
     # Everything either variant imports, imported before the RSS baseline is read: module code is not
     # what we measure (diffusers and transformers import their model classes lazily).
+    import accelerate  # noqa: F401
     import diffusers
     import peft  # noqa: F401
     import transformers
 
     import diffpref.inversion  # noqa: F401
+    import diffpref.launch  # noqa: F401
     import diffpref.training.cache  # noqa: F401
-    import diffpref.training.trainer  # noqa: F401
+    import diffpref.training.step  # noqa: F401
 
     for name in ("AutoencoderKL", "UNet2DConditionModel", "DDIMScheduler", "DDPMScheduler"):
         getattr(diffusers, name)
     for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"):
         getattr(transformers, name)
     if args.method == "ppd":
-        import accelerate  # noqa: F401
         import open_clip  # noqa: F401
 
         import diffpref.personalize.training  # noqa: F401
@@ -831,13 +779,13 @@ def _memory_worker(args) -> dict:
 
         cache = PreferenceCache(spec["cache"])
         variant = make_variant("ours", args, None, set_attention(build_unet(args.config), args.attention), cache, None,
-                               device, spec["ppd"])
+                               device, spec["ppd"], spec["data_path"])
     else:
         parts = build_components(args.config, Path(args.worker_dir) / "child", unet=False)
         parts["unet"] = None
         data = torch.load(spec["data"], weights_only=True)
         variant = make_variant("reference", args, parts, set_attention(build_unet(args.config), args.attention), None,
-                               data, device, spec["ppd"])
+                               data, device, spec["ppd"], spec["data_path"])
         del parts
     variant.finalize(dtype)
     gc.collect()
@@ -867,10 +815,11 @@ def _memory_worker(args) -> dict:
             "step_times": step_times}
 
 
-def measure_memory(args, workdir: Path, cache, data, dtype, ppd: dict | None = None) -> dict[str, dict]:
+def measure_memory(args, workdir: Path, cache, data, dtype, ppd: dict | None, data_path: str) -> dict[str, dict]:
     torch.save(data, workdir / "reference_data.pt")
     (workdir / "spec.json").write_text(json.dumps({"cache": str(cache.path), "data": str(workdir / "reference_data.pt"),
-                                                   "dtype": str(dtype).removeprefix("torch."), "ppd": ppd}))
+                                                   "dtype": str(dtype).removeprefix("torch."), "ppd": ppd,
+                                                   "data_path": data_path}))
     results = {}
     for kind in ("ours", "reference"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--worker-dir", str(workdir),
@@ -896,15 +845,15 @@ def run_one(args):
         parts = build_components(args.config, workdir)
         # PPD: enough pairs per user that every number of shots can be drawn (the context never holds the pair itself)
         n_pairs = max(2 * args.batch_pairs, USERS * (PPD_PAIRS_PER_USER if args.method == "ppd" else 1))
-        cache, data, encode_s, ppd = build_cache(args.config, parts, workdir, n_pairs, device, args.method,
-                                                resolution_of(args))
+        cache, data, encode_s, ppd, manifest = build_cache(args.config, parts, workdir, n_pairs, device, args.method,
+                                                          resolution_of(args))
         base_unet = parts.pop("unet").cpu()
         _park(parts)
         for attention in args.attentions:
             one = argparse.Namespace(**{**vars(args), "attention": attention})
             unet = set_attention(copy.deepcopy(base_unet), attention)
-            ours = make_variant("ours", one, parts, copy.deepcopy(unet), cache, data, device, ppd)
-            reference = make_variant("reference", one, parts, unet, cache, data, device, ppd)
+            ours = make_variant("ours", one, parts, copy.deepcopy(unet), cache, data, device, ppd, manifest)
+            reference = make_variant("reference", one, parts, unet, cache, data, device, ppd, manifest)
             perturb_and_share(ours, reference)
             check = objective_check(ours, reference)
             timings = {}
@@ -917,7 +866,7 @@ def run_one(args):
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the memory workers need the card to themselves
-            memory = measure_memory(one, workdir, cache, data, dtype, ppd)
+            memory = measure_memory(one, workdir, cache, data, dtype, ppd, manifest)
             if args.sequential:
                 timings = {kind: memory[kind]["step_times"] for kind in memory}
             yield _result(one, timings, memory, check, encode_s / n_pairs, n_pairs, dtype, device)
