@@ -21,6 +21,11 @@ cache is reused without encoding anything.
 A build writes into ``<key>.tmp-<pid>`` and renames it to ``<key>`` only when complete, so an
 interrupted build is never mistaken for a finished cache. In multi-process training, build on
 the main process first, then open the cache everywhere (concurrent builds are safe but wasteful).
+
+Why one file of ~500 lines: the key, the writer and the two readers (pairs, ratings) all depend on
+the on-disk layout above and on ``CACHE_VERSION``, and a change to one is a change to all; kept
+together, a layout change is one diff in one place. The next rework of the cache (issue 18) is the
+time to split it along those lines.
 """
 
 from __future__ import annotations
