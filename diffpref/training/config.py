@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-METHODS = ("dpo", "inpo", "kto", "mapo", "sft", "ppd")
+from diffpref.training.objectives import OBJECTIVES, get_objective
+
+# The registered objectives (diffpref.training.objectives), for help texts: validation reads the
+# registry itself, so an objective registered after this import is valid too.
+METHODS = tuple(OBJECTIVES)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 NAN_POLICIES = ("stop", "skip")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -12,7 +16,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 CONDITIONINGS = ("none", "ppd")
 
 # Per-method beta defaults in the -beta/2 form of diffusion_dpo_loss (papers' settings for SD1.5).
-DEFAULT_BETA = {"dpo": 5000.0, "inpo": 2000.0, "kto": 1000.0, "mapo": 0.1, "sft": 0.0, "ppd": 5000.0}
+DEFAULT_BETA = {name: o.default_beta for name, o in OBJECTIVES.items()}
 
 
 def _choice(name: str, value, valid) -> None:
@@ -22,7 +26,7 @@ def _choice(name: str, value, valid) -> None:
 
 @dataclass
 class TrainConfig:
-    method: str = field(default="dpo", metadata={"help": f"objective: one of {', '.join(METHODS)}"})
+    method: str = field(default="dpo", metadata={"help": f"objective: one of {', '.join(METHODS)} (the registry in diffpref.training.objectives); ppd: an alias of dpo with conditioning: ppd"})
     model: str = field(default="embedded", metadata={"help": "'embedded', a local diffusers folder, or a hub id"})
     data_path: str = field(default="", metadata={"help": "Pick-a-Pic parquet (file/folder/glob) or JSONL manifest"})
     output_dir: str = field(default="outputs/train", metadata={"help": "checkpoints, logs and the final LoRA/UNet"})
@@ -60,10 +64,11 @@ class TrainConfig:
     nan_policy: str = field(default="stop", metadata={"help": "stop | skip: what a non-finite loss does"})
     checkpointing_steps: int = field(default=100, metadata={"help": "optimizer steps between checkpoints (0: only at the end)"})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "checkpoints kept (oldest deleted)"})
-    eval_every: int = field(default=0, metadata={"help": "optimizer steps between oracle evaluations on world data (0: end only)"})
-    eval_prompts: int = field(default=200, metadata={"help": "prompt x seed pairs per evaluation"})
-    eval_sampling_steps: int = field(default=20, metadata={"help": "sampling steps of evaluation generations"})
-    eval_users: str | None = field(default=None, metadata={"help": "users JSON for evaluation (default: users.json beside world data)"})
+    eval_world: bool = field(default=False, metadata={"help": "evaluate on world data: the oracle win rate against the base model, judged by the eval_users' true rewards"})
+    eval_every: int = field(default=0, metadata={"help": "eval_world: optimizer steps between evaluations (0: at the end only)"})
+    eval_prompts: int = field(default=200, metadata={"help": "eval_world: prompt x seed pairs per evaluation (0: no evaluation)"})
+    eval_sampling_steps: int = field(default=20, metadata={"help": "eval_world: sampling steps of evaluation generations"})
+    eval_users: str | None = field(default=None, metadata={"help": "eval_world: users JSON (default: users.json beside data_path)"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker: tensorboard | wandb | none"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     # PPD (conditioning: ppd, or a `ppd:` section in the YAML): DPO plus user conditioning. The base UNet
@@ -91,7 +96,7 @@ class TrainConfig:
                 raise ValueError(f"method: ppd means method: dpo with conditioning: ppd, but conditioning="
                                  f"{self.conditioning!r}; drop one of them")
             self.method, self.conditioning = "dpo", "ppd"
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(OBJECTIVES))
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("attention", self.attention, ("sdpa", "xformers"))
         _choice("tie_policy", self.tie_policy, ("drop", "soft"))
@@ -109,7 +114,7 @@ class TrainConfig:
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout={self.prompt_dropout} must lie in [0, 1)")
         if self.beta is None:
-            self.beta = DEFAULT_BETA[self.method]
+            self.beta = get_objective(self.method).default_beta
         _choice("conditioning", self.conditioning, CONDITIONINGS)
         if self.conditioning == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
             raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
@@ -130,7 +135,7 @@ class TrainConfig:
 
     @property
     def uses_reference(self) -> bool:
-        return self.method in ("dpo", "inpo", "kto", "ppd")
+        return get_objective(self.method).uses_reference
 
     @property
     def is_full_finetune(self) -> bool:
