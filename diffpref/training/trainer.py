@@ -152,9 +152,9 @@ def _accelerator(cfg: TrainConfig):
     )
 
 
-def _load(cfg: TrainConfig, accelerator, conditioner) -> tuple[StepParts, type, object]:
+def _load(cfg: TrainConfig, accelerator, conditioner) -> tuple[StepParts, type]:
     """Load the model, encode the data once (the VAE and text encoders are not needed after this) and
-    make the weights trainable; returns (step parts, the pipeline class, the tokenizer)."""
+    make the weights trainable; returns (step parts, the pipeline class)."""
     from diffpref.models.loading import load_pipeline
 
     pipe = load_pipeline(cfg.model, device=str(accelerator.device), dtype=torch.float32)
@@ -162,8 +162,7 @@ def _load(cfg: TrainConfig, accelerator, conditioner) -> tuple[StepParts, type, 
     schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.clone(), pipe.scheduler.config.get("prediction_type", "epsilon"))
     unet, pipeline_class, tokenizer = pipe.unet, type(pipe), pipe.tokenizer
     del pipe
-    parts = prepare_training(cfg, accelerator, unet, cache, schedule, conditioner, tokenizer)
-    return parts, pipeline_class, tokenizer
+    return prepare_training(cfg, accelerator, unet, cache, schedule, conditioner, tokenizer), pipeline_class
 
 
 def _resume(cfg: TrainConfig, accelerator) -> Progress:
@@ -200,7 +199,7 @@ def train(cfg: TrainConfig, conditioner=None, evaluator=None) -> dict:
         torch.set_num_threads(cfg.threads)
     accelerator = _accelerator(cfg)
     check_attention(cfg.attention)
-    parts, pipeline_class, _ = _load(cfg, accelerator, conditioner)
+    parts, pipeline_class = _load(cfg, accelerator, conditioner)
     _register_trainable_state_hooks(accelerator)
     accelerator.register_for_checkpointing(_StepCounter(parts.lr_scheduler))
     progress = _resume(cfg, accelerator)
