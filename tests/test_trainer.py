@@ -345,7 +345,12 @@ def test_build_parts_evaluates_on_world_data_only_when_asked(tmp_path, manifest)
 
 def test_a_registered_objective_trains_through_train(tmp_path, tiny_sd15_dir, manifest):
     """The recipe of diffpref.training.objectives' docstring: one function and one register_objective call."""
-    from diffpref.training.objectives import OBJECTIVES, ObjectiveOutput, preferred, register_objective
+    from diffpref.training.objectives import (
+        OBJECTIVES,
+        ObjectiveOutput,
+        preferred,
+        register_objective,
+    )
 
     seen = []
 
