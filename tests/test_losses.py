@@ -366,8 +366,11 @@ def test_ddim_invert_with_eta_is_seeded():
 
     first, again, other, plain = run(7, 0.2), run(7, 0.2), run(8, 0.2), run(7, 0.0)
     assert torch.equal(first.x_t, again.x_t) and torch.equal(first.eps_star, again.eps_star)
-    assert not torch.allclose(first.x_t, other.x_t)
-    assert not torch.allclose(first.x_t, plain.x_t)
+    assert not torch.allclose(first.x_t, other.x_t)  # another seed, other noise
+    # The same noise weighs more the larger eta is: x_t moves further from plain DDIM's, per sample.
+    farther = run(7, 0.6)
+    gap = lambda result: (result.x_t - plain.x_t).flatten(1).norm(dim=1)  # noqa: E731
+    assert (gap(first) > 1e-3).all() and (gap(farther) > 2 * gap(first)).all()
     assert torch.isfinite(first.x_t).all() and torch.isfinite(first.eps_star).all()
 
 
