@@ -341,6 +341,8 @@ def test_build_parts_evaluates_on_world_data_only_when_asked(tmp_path, manifest)
     assert build_parts(cfg(eval_world=True, eval_users=str(users), eval_prompts=0)) == (None, None)
     conditioner, evaluator = build_parts(cfg(eval_world=True, eval_users=str(users), eval_prompts=3))
     assert conditioner is None and (len(evaluator.prompts), len(evaluator.users)) == (3, 1)
+    with pytest.raises(ValueError, match="without a user"):  # a PPD run is judged per user, not by this
+        build_parts(cfg(conditioning="ppd", lora_rank=0, eval_world=True, eval_users=str(users)))
 
 
 def test_a_registered_objective_trains_through_train(tmp_path, tiny_sd15_dir, manifest):
