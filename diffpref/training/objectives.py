@@ -5,8 +5,9 @@ arithmetic (noising, targets, which passes run with or without the reference). `
 ``reference`` are callables ``(x_t, t, cond) -> model output`` so the same code serves LoRA (one
 UNet, adapters switched off for the reference) and full fine-tuning (a frozen copy).
 
-Adding an objective is one function and one ``register_objective`` call, here or in your own
-module imported before the config is built::
+Adding an objective is one function and one ``register_objective`` call: here (``diffpref train`` and
+``train/train.py`` then know it), or in your own script before it builds the ``TrainConfig`` and calls
+``train`` (``tests/test_trainer.py`` registers a toy one that way)::
 
     def my_objective(x: ObjectiveInputs) -> ObjectiveOutput:
         winner = preferred(x.batch)                        # pairs: latents_0, latents_1, label; cond
