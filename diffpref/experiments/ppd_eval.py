@@ -139,7 +139,7 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
         per_user[user.user_id] = {
             "win_rate": win_rate(r_tuned, r_base), "mean_reward": float(np.mean(r_tuned)),
             "base_mean_reward": float(np.mean(r_base)), "adherence": adherence,
-            "ranking_accuracy": ranking_accuracy(pipe, tokens, held_out, seed=seed + u) if held_out else float("nan"),
+            "ranking_accuracy": ranking_accuracy(pipe, tokens, held_out, seed=seed + u) if held_out else None,
             "ceiling_win_rate": ceiling_win_rate(user, prompts, base_features),
             "few_shot_ceiling_win_rate": few_shot_ceiling_win_rate(user, prompts, base_features, winner_minus_loser,
                                                                    shots, seed=seed + u),
@@ -151,7 +151,8 @@ def evaluate_ppd(model: Any = "embedded", adapter: str | os.PathLike = "embedded
         "win_rate_vs_base": float(np.mean([v["win_rate"] for v in per_user.values()])),
         "adherence": float(np.mean(adherences)),
         "base_adherence": adherence_of(base, prompts)["mean_acc"],
-        "ranking_accuracy": float(np.nanmean([v["ranking_accuracy"] for v in per_user.values()])),
+        # None, not NaN, when no pairs were held out (ranking_pairs=0): NaN is not valid JSON
+        "ranking_accuracy": _mean_or_none([v["ranking_accuracy"] for v in per_user.values()]),
         # the most any adapter that keeps to the prompts could win here (diffpref.world.ceiling)
         "ceiling_win_rate": float(np.mean([v["ceiling_win_rate"] for v in per_user.values()])),
         # ... and with only K of the user's choices to know them by (diffpref.world.ceiling)
@@ -164,3 +165,8 @@ def generate_personalized(pipe, prompts, seeds, tokens, user_scale, steps, guida
     """uint8 world images of one user (tokens [K, d]), ``batch_size`` per pipeline call."""
     return generate_world_images(pipe, prompts, seeds, steps, guidance_scale, batch_size, False, "personalized",
                                  user_embedding=tokens, user_scale=user_scale)
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
