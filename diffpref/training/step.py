@@ -115,6 +115,50 @@ def add_lora(unet, cfg) -> None:
                                 target_modules=[m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]))
 
 
+def sharded(accelerator) -> bool:
+    """Whether the prepared models hold only a shard of their weights on this process (FSDP, or
+    DeepSpeed ZeRO stage 3): then only the prepared model's forward, ``accelerator.get_state_dict`` and
+    ``gathered_weights`` see whole weights."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return True
+    if kind == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+@contextlib.contextmanager
+def gathered_weights(accelerator, models):
+    """Inside, the unwrapped ``models`` hold their whole weights on every process (read-only: changes
+    are not written back). Every process must enter it: gathering is collective. One process, DDP and
+    ZeRO-1/2: nothing to do."""
+    from accelerate.utils import DistributedType
+
+    with contextlib.ExitStack() as stack:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+                from torch.distributed.fsdp import FSDPModule
+
+                shards = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+                for module in shards:
+                    module.unshard()
+                stack.callback(lambda: [m.reshard() for m in shards])
+            else:
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+                for model in models:
+                    if isinstance(model, FSDP):
+                        stack.enter_context(FSDP.summon_full_params(model, writeback=False))
+        elif sharded(accelerator):  # DeepSpeed ZeRO-3
+            import deepspeed
+
+            params = [p for model in models for p in model.parameters()]
+            stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+        yield
+
+
 def timestep_high(cfg, num_train_timesteps: int) -> int:
     high = num_train_timesteps if cfg.timestep_max is None else cfg.timestep_max
     if high > num_train_timesteps or cfg.timestep_min >= high:
@@ -166,6 +210,9 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
     if conditioner is not None:
         conditioner.bind(models[1:])
     raw_unet = accelerator.unwrap_model(models[0])
+    if reference_unet is not None and sharded(accelerator):
+        # FSDP shards the frozen copy too (each rank holds 1/N of it); one process keeps it as it is.
+        reference_unet = accelerator.prepare(reference_unet)
     policy, reference = _denoisers(cfg, accelerator, models[0], raw_unet, reference_unet, conditioner,
                                    objective.uses_reference, cache.resolution)
     return StepParts(cfg=cfg, accelerator=accelerator, cache=cache, schedule=schedule, objective=objective,
@@ -190,11 +237,13 @@ def _denoisers(cfg, accelerator, unet, raw_unet, reference_unet, conditioner, us
         return denoiser(unet), denoiser(reference_unet)
 
     def reference(x, t, cond):
-        # The base model: adapters off and, with a conditioner, no user.
+        # The base model: adapters off and, with a conditioner, no user. It runs through the prepared
+        # model, so FSDP/ZeRO-3 gather the weights as for the policy pass; the adapter switch acts on the
+        # same layers, which the wrapper holds. One process: the prepared model is the UNet itself.
         if conditioner is not None:
             cond = {**cond, "prompt_embeds": conditioner.without_user(cond["prompt_embeds"])}
         with adapters_disabled(raw_unet) if cfg.lora_rank > 0 else contextlib.nullcontext():
-            return denoiser(raw_unet)(x, t, cond)
+            return denoiser(unet)(x, t, cond)
 
     return denoiser(unet), reference
 

@@ -35,7 +35,9 @@ from diffpref.training.step import (  # noqa: F401  (NonFiniteLossError, adapter
     NonFiniteLossError,
     StepParts,
     adapters_disabled,
+    gathered_weights,
     prepare_training,
+    sharded,
     training_step,
 )
 
@@ -88,7 +90,13 @@ class History:
 
 
 def _register_trainable_state_hooks(accelerator):
-    """Checkpoints hold the trainable parameters only: a LoRA or adapter run saves megabytes, not a UNet copy."""
+    """Checkpoints hold the trainable parameters only: a LoRA or adapter run saves megabytes, not a UNet copy.
+
+    Not under FSDP or ZeRO-3: there each process holds a shard, and accelerate's own ``save_state`` /
+    ``load_state`` write and read the sharded (or gathered, per the plugin's state_dict_type) model and
+    optimizer states; these hooks, which read whole parameters, would save shards under wrong shapes."""
+    if sharded(accelerator):
+        return
     from safetensors.torch import load_file, save_file
 
     def trainable(models):
@@ -205,6 +213,12 @@ def train(cfg: TrainConfig, conditioner=None, evaluator=None) -> dict:
     progress = _resume(cfg, accelerator)
     _write_run_config(cfg, accelerator)
     randomness.batches_per_epoch(len(parts.cache), cfg.train_batch_size * accelerator.num_processes)  # fails early
+    if evaluator is not None and sharded(accelerator):
+        # The evaluator samples with the unwrapped UNet on the main process alone: under FSDP/ZeRO-3 that
+        # process holds a shard. Evaluate the exported weights afterwards (diffpref eval) instead.
+        accelerator.print("evaluation during training is off under FSDP/ZeRO-3 (sharded weights); "
+                          "evaluate the exported weights with `diffpref eval`")
+        evaluator = None
     if evaluator is not None and accelerator.is_main_process:
         evaluator.attach(parts.raw_unet, pipeline_class, parts.cache.resolution)
     else:
@@ -257,12 +271,14 @@ def _finish(cfg: TrainConfig, parts: StepParts, progress: Progress, pipeline_cla
     if evaluator:
         summary["eval"] = evaluator(progress.global_step)
         accelerator.log(summary["eval"], step=progress.global_step)
-    if accelerator.is_main_process:
-        if parts.conditioner is not None:
-            parts.conditioner.export(parts.raw_unet, output_dir)
-        else:
-            export_weights(parts.raw_unet, pipeline_class, cfg, output_dir)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # Every process gathers (FSDP/ZeRO-3: collective); the main one writes.
+    with gathered_weights(accelerator, parts.models):
+        if accelerator.is_main_process:
+            if parts.conditioner is not None:
+                parts.conditioner.export(parts.raw_unet, output_dir)
+            else:
+                export_weights(parts.raw_unet, pipeline_class, cfg, output_dir)
+            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
