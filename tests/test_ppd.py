@@ -453,7 +453,9 @@ def test_condition_appends_each_users_tokens_and_without_user_is_the_base(ppd_pa
 def test_one_step_on_the_conditioners_groups_lowers_the_conditioned_loss(ppd_parts):
     """Gradients reach the head and the user projections through ``condition``: a small step down them lowers
     the loss (a sign error anywhere on that path would raise it)."""
-    conditioner, unet, groups = _setup(ppd_parts, ppd_user_dropout=0.0, ppd_attention_lr=1e-3)
+    # value_init_scale > 0: every weight gets gradient at the first step (at the default 0 only to_v_user
+    # does; see test_fresh_ppd_starts_as_the_base_model_and_one_step_moves_it)
+    conditioner, unet, groups = _setup(ppd_parts, ppd_user_dropout=0.0, ppd_attention_lr=1e-3, ppd_value_init_scale=0.5)
     n = len(ppd_parts["cache"])
     prompt = torch.randn(n, 77, 16, generator=torch.Generator().manual_seed(0))
     x, noise = torch.randn(2, n, 4, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -471,6 +473,67 @@ def test_one_step_on_the_conditioners_groups_lowers_the_conditioned_loss(ppd_par
     optimizer.zero_grad()
     with torch.no_grad():
         assert float(loss()) < float(before)
+
+
+@pytest.mark.parametrize("encoder", ["set", "evidence"])
+def test_fresh_ppd_starts_as_the_base_model_and_one_step_moves_it(ppd_parts, encoder):
+    """A fresh install (default ppd_value_init_scale=0) gives the policy the reference's output bit for bit
+    with real user tokens, so DPO's loss is log 2 at step 0; one step moves it, and from the second step every
+    trainable weight gets gradient."""
+    import math
+
+    from diffpref.personalize.attention import user_attention_processors
+
+    conditioner, unet, groups = _setup(ppd_parts, ppd_user_dropout=0.0, ppd_encoder=encoder)
+    n = len(ppd_parts["cache"])
+    prompt = torch.randn(n, 77, 16, generator=torch.Generator().manual_seed(0))
+    x, noise = torch.randn(2, n, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.full((n,), 300)
+
+    def outputs():
+        cond = conditioner.condition(prompt, torch.arange(n), [torch.Generator().manual_seed(i) for i in range(n)])
+        assert torch.count_nonzero(cond[:, 77:]) > 0  # real user tokens, not the zero user
+        policy = unet(x, t, encoder_hidden_states=cond).sample
+        with torch.no_grad():
+            reference = unet(x, t, encoder_hidden_states=conditioner.without_user(cond)).sample
+        return policy, reference
+
+    def dpo_loss(policy, reference):  # Diffusion-DPO on (winner, loser) = the two halves of the batch
+        model = (policy - noise).pow(2).mean((1, 2, 3))
+        ref = (reference - noise).pow(2).mean((1, 2, 3))
+        diff = (model[: n // 2] - model[n // 2:]) - (ref[: n // 2] - ref[n // 2:])
+        return -torch.nn.functional.logsigmoid(-0.5 * 5000 * diff).mean()
+
+    policy, reference = outputs()
+    assert torch.equal(policy, reference)
+    loss = dpo_loss(policy, reference)
+    assert float(loss.detach()) == float(torch.tensor(math.log(2)))
+    loss.backward()
+    with_grad = {id(p) for g in groups for p in g["params"] if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    to_v_user = {id(proc.to_v_user.weight) for proc in user_attention_processors(unet).values()}
+    assert with_grad == to_v_user  # only the zero value projections at step 0: everything else sits behind them
+
+    optimizer = torch.optim.Adam(groups, lr=1e-3)
+    optimizer.step()
+    optimizer.zero_grad()
+    policy, reference = outputs()
+    assert not torch.equal(policy, reference)  # one step moves it
+    loss = dpo_loss(policy, reference)
+    assert float(loss.detach()) != float(torch.tensor(math.log(2)))
+    loss.backward()
+    silent = [p.shape for g in groups for p in g["params"] if p.grad is None or float(p.grad.abs().sum()) == 0]
+    assert not silent  # from the second step every trainable weight gets gradient
+
+
+def test_ppd_training_logs_log_2_at_the_first_step(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
+    """Through the trainer: the first logged DPO loss of a fresh PPD run is log 2 (float32), the next is not."""
+    import math
+
+    train(_ppd_cfg(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir, max_train_steps=2, checkpointing_steps=0,
+                   ppd_user_dropout=0.0, learning_rate=1e-3))
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert history[0]["loss"] == float(torch.tensor(math.log(2)))
+    assert history[1]["loss"] != history[0]["loss"]
 
 
 def test_export_round_trips_through_the_adapter_loader(ppd_parts, tmp_path):

@@ -203,7 +203,7 @@ def test_config_refuses_bad_keys_and_values(tmp_path, manifest):
         TrainConfig()
     cfg = load_config(TrainConfig, REPO / "configs" / "embedded_dpo.yaml", ["max_train_steps=7", "beta=2500.5"])
     assert cfg.max_train_steps == 7 and cfg.beta == 2500.5 and isinstance(cfg.beta, float)
-    for bad, message in (("ppd_shots_min=0", "ppd_shots_min"), ("ppd_value_init_scale=0", "ppd_value_init_scale"),
+    for bad, message in (("ppd_shots_min=0", "ppd_shots_min"), ("ppd_value_init_scale=-1", "ppd_value_init_scale"),
                          ("ppd_attention_lr=-0.1", "ppd_attention_lr")):
         with pytest.raises(ValueError, match=message):
             load_config(TrainConfig, None, [f"data_path={manifest}", "method=ppd", bad])

@@ -61,7 +61,7 @@ def test_scale_zero_and_no_user_are_bit_identical_to_the_stock_unet(kind, blocks
     inputs = unet_inputs(kind)
     reference = run_unet(unet, inputs, with_user_tokens=False)
 
-    processors = install_user_attention(unet, K, blocks=blocks, scale=0.0)
+    processors = install_user_attention(unet, K, value_init_scale=1.0, blocks=blocks, scale=0.0)
     assert len(processors) > 0 and all("." not in key for key in processors)
     if blocks != "all":
         kinds = {name: type(p) for name, p in unet.attn_processors.items() if "attn2" in name}
@@ -82,7 +82,7 @@ def test_user_changes_the_output_continuously_with_scale(kind):
     unet = BUILDERS[kind](0).unet
     inputs = unet_inputs(kind)
     reference = run_unet(unet, inputs, with_user_tokens=False)
-    install_user_attention(unet, K)
+    install_user_attention(unet, K, value_init_scale=1.0)
     user_a, user_b = random_user(kind, 0), random_user(kind, 1)
 
     out_a = run_unet(unet, inputs, user_a)
@@ -121,7 +121,7 @@ def manual_attention(q, k, v, heads, bias=None):
 
 def test_processor_matches_an_independent_computation():
     unet = tiny_sd15_pipeline(0).unet
-    install_user_attention(unet, K, scale=0.7)
+    install_user_attention(unet, K, value_init_scale=1.0, scale=0.7)
     attn = unet.mid_block.attentions[0].transformer_blocks[0].attn2
     processor = attn.processor
     assert isinstance(processor, UserAttnProcessor) and attn.heads > 1
@@ -151,7 +151,7 @@ def test_processor_matches_an_independent_computation():
 
 def test_user_projections_start_as_copies_of_to_k_to_v():
     unet = tiny_sdxl_pipeline(0).unet
-    processors = install_user_attention(unet, K)
+    processors = install_user_attention(unet, K, value_init_scale=1.0)
     attention = {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
     for key, processor in processors.items():
         attn = attention[key.replace("__", ".").removesuffix(".processor")]
@@ -166,7 +166,7 @@ def test_user_projections_start_as_copies_of_to_k_to_v():
 
 def test_parameters_and_state_dict_round_trip():
     unet = tiny_sd15_pipeline(0).unet
-    processors = install_user_attention(unet, K)
+    processors = install_user_attention(unet, K, value_init_scale=1.0)
     params = user_attention_parameters(unet)
     expected = {id(p) for proc in processors.values() for p in (proc.to_k_user.weight, proc.to_v_user.weight)}
     assert len(params) == 2 * len(processors) and {id(p) for p in params} == expected
@@ -183,7 +183,7 @@ def test_parameters_and_state_dict_round_trip():
     assert set(state) == user_names  # the same names as in unet.state_dict()
 
     fresh = tiny_sd15_pipeline(0).unet
-    install_user_attention(fresh, K)
+    install_user_attention(fresh, K, value_init_scale=1.0)
     assert not torch.equal(run_unet(fresh, inputs, user), out)
     load_user_attention_state_dict(fresh, {k: v.clone() for k, v in state.items()})
     assert torch.equal(run_unet(fresh, inputs, user), out)
@@ -195,7 +195,7 @@ def test_parameters_and_state_dict_round_trip():
     with pytest.raises(ValueError, match="unexpected keys"):
         load_user_attention_state_dict(fresh, {**state, "up_blocks.9.attn2.processor.to_k_user.weight": torch.zeros(1)})
     partial = tiny_sd15_pipeline(0).unet
-    install_user_attention(partial, K, blocks=["up_blocks"])
+    install_user_attention(partial, K, value_init_scale=1.0, blocks=["up_blocks"])
     with pytest.raises(ValueError, match="unexpected keys"):
         load_user_attention_state_dict(partial, state)
 
@@ -203,10 +203,10 @@ def test_parameters_and_state_dict_round_trip():
 def test_install_validates_its_arguments():
     unet = tiny_sd15_pipeline(0).unet
     with pytest.raises(ValueError, match="up_blocks"):
-        install_user_attention(unet, K, blocks=["decoder"])
-    install_user_attention(unet, K)
+        install_user_attention(unet, K, value_init_scale=1.0, blocks=["decoder"])
+    install_user_attention(unet, K, value_init_scale=1.0)
     with pytest.raises(ValueError, match="already installed"):
-        install_user_attention(unet, K)
+        install_user_attention(unet, K, value_init_scale=1.0)
     with pytest.raises(ValueError, match="concat_user_tokens"):
         run_unet(unet, dict(unet_inputs("sd15"), encoder_hidden_states=torch.randn(2, K, 16)), with_user_tokens=False)
     with pytest.raises(ValueError, match=r"\[B, 3, 16\]"):
@@ -221,7 +221,7 @@ xformers_usable = torch.cuda.is_available() and __import__("importlib").util.fin
 @pytest.mark.skipif(xformers_usable, reason="checks the refusal without CUDA/xformers")
 def test_xformers_switch_refuses_instead_of_dropping_the_user_branch():
     pipe = tiny_sd15_pipeline(0)
-    install_user_attention(pipe.unet, K, blocks=["up_blocks"])
+    install_user_attention(pipe.unet, K, value_init_scale=1.0, blocks=["up_blocks"])
     guard_xformers_switch(pipe)
     inputs, user = unet_inputs("sd15"), random_user("sd15", 0)
     out = run_unet(pipe.unet, inputs, user)
@@ -248,7 +248,7 @@ def test_xformers_switch_refuses_instead_of_dropping_the_user_branch():
 def test_gradients_reach_only_the_user_projections():
     unet = tiny_sdxl_pipeline(0).unet
     unet.requires_grad_(False)
-    install_user_attention(unet, K)
+    install_user_attention(unet, K, value_init_scale=1.0)
     params = user_attention_parameters(unet)
     assert all(p.requires_grad for p in params)
     frozen = [p for p in unet.parameters() if all(p is not q for q in params)]
@@ -286,7 +286,7 @@ def test_full_pipeline_call_with_user_tokens():
         ).images
 
     reference = generate(prompt_embeds, negative_embeds)
-    install_user_attention(pipe.unet, K, blocks=["up_blocks", "mid_block"])
+    install_user_attention(pipe.unet, K, value_init_scale=1.0, blocks=["up_blocks", "mid_block"])
     guard_xformers_switch(pipe)
     user_a, user_b = torch.randn(2, 1, K, 16, generator=torch.Generator().manual_seed(7))
     negative = concat_user_tokens(negative_embeds, None, K)
@@ -332,7 +332,7 @@ def stand_in_xformers(monkeypatch):
 def test_xformers_backend_layout_with_a_stand_in_kernel(stand_in_xformers):
     """The xformers path's reshapes and masks give the sdpa path's output."""
     unet = tiny_sd15_pipeline(0).unet
-    install_user_attention(unet, K, blocks=["up_blocks"])
+    install_user_attention(unet, K, value_init_scale=1.0, blocks=["up_blocks"])
     inputs, user = unet_inputs("sd15"), random_user("sd15", 0)
     mask = torch.ones(2, L + K)
     mask[0, L - 2] = mask[1, L + 1] = 0
@@ -353,16 +353,39 @@ def test_install_after_the_stock_xformers_switch_keeps_xformers(stand_in_xformer
 
     unet = tiny_sd15_pipeline(0).unet
     unet.set_attn_processor(XFormersAttnProcessor())
-    install_user_attention(unet, K, blocks=["up_blocks"])
+    install_user_attention(unet, K, value_init_scale=1.0, blocks=["up_blocks"])
     ours = [p for p in unet.attn_processors.values() if isinstance(p, (UserAttnProcessor, TextOnlyAttnProcessor))]
     assert ours and {p.backend for p in ours} == {"xformers"}
     assert all(isinstance(p.inner, XFormersAttnProcessor) for p in ours if isinstance(p, TextOnlyAttnProcessor))
 
     explicit = tiny_sd15_pipeline(0).unet
     explicit.set_attn_processor(XFormersAttnProcessor())
-    install_user_attention(explicit, K, blocks=["up_blocks"], backend="sdpa")
+    install_user_attention(explicit, K, value_init_scale=1.0, blocks=["up_blocks"], backend="sdpa")
     assert {p.backend for p in explicit.attn_processors.values() if hasattr(p, "backend")} == {"sdpa"}
 
     plain = tiny_sd15_pipeline(0).unet
-    install_user_attention(plain, K)
+    install_user_attention(plain, K, value_init_scale=1.0)
     assert {p.backend for p in plain.attn_processors.values() if hasattr(p, "backend")} == {"sdpa"}
+
+
+def test_a_fresh_install_adds_exactly_nothing_until_trained():
+    """Default value_init_scale=0: to_v_user starts at zero, so any user tokens leave the output bit-identical
+    to the base UNet (PPD training starts at DPO loss log 2); K' still starts as a copy of to_k."""
+    from diffpref.models.builders import tiny_sd15_pipeline
+    from diffpref.personalize.attention import user_attention_processors
+
+    unet = tiny_sd15_pipeline(seed=0).unet
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    text = torch.randn(2, 16, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = unet(x, t, encoder_hidden_states=text).sample
+    install_user_attention(unet, K)
+    for name, processor in user_attention_processors(unet).items():
+        assert torch.count_nonzero(processor.to_v_user.weight) == 0
+        assert torch.count_nonzero(processor.to_k_user.weight) > 0
+    users = torch.randn(2, K, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2)) * 10
+    with torch.no_grad():
+        out = unet(x, t, encoder_hidden_states=concat_user_tokens(text, users, K)).sample
+    assert torch.equal(out, base)
+    with pytest.raises(ValueError, match="value_init_scale"):
+        install_user_attention(tiny_sd15_pipeline(seed=0).unet, K, value_init_scale=-0.1)

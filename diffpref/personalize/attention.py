@@ -4,7 +4,15 @@ Every chosen cross-attention layer of the UNet reads a user as K extra tokens u,
 projections of its own, with the same queries as the text:
 
     out = to_out( softmax(Q K^T / sqrt(d)) V  +  user_scale * softmax(Q K'^T / sqrt(d)) V' )
-    K' = to_k_user(u),  V' = to_v_user(u)      (initialised as copies of the layer's to_k / to_v)
+    K' = to_k_user(u),  V' = to_v_user(u)      (to_k_user starts as a copy of the layer's to_k,
+                                                 to_v_user at zero: see below)
+
+A fresh install starts as the base model exactly: ``to_v_user`` starts at zero (``value_init_scale=0``,
+the default), so V' = 0 and the user term is exactly zero for any user tokens, as LoRA starts at
+B = 0. Preference training therefore starts at DPO loss log 2 bit for bit. At the first step only
+``to_v_user`` gets gradient (the others sit behind V' = 0); from the second step every trainable
+weight does (K', the encoder). IP-Adapter copies to_v instead; with copies the personalized model
+differs from the base before any training, and DPO's large beta turns that into a loss far from log 2.
 
 How the user reaches the layers: the caller appends the user tokens to the text tokens,
 ``encoder_hidden_states = [text_tokens, user_tokens]`` (see `concat_user_tokens`), and every
@@ -89,7 +97,7 @@ def install_user_attention(
     num_user_tokens: int,
     blocks: str | list[str] = "all",
     scale: float = 1.0,
-    value_init_scale: float = 1.0,
+    value_init_scale: float = 0.0,
     backend: str | None = None,
 ) -> nn.ModuleDict:
     """Give the cross-attention layers of ``unet`` a decoupled user branch; returns the new processors.
@@ -100,9 +108,10 @@ def install_user_attention(
         blocks: "all", or name prefixes of the layers that read the user (e.g. ``["up_blocks", "mid_block"]``);
             the other cross-attention layers get a `TextOnlyAttnProcessor`. Self-attention keeps its processor.
         scale: initial user scale.
-        value_init_scale: ``to_v_user`` starts as this multiple of ``to_v``. Below 1 the user branch starts
-            as a weaker echo of the text attention: at full strength a second, text-like attention output
-            doubles the layer's output and breaks prompt adherence.
+        value_init_scale: ``to_v_user`` starts as this multiple of ``to_v``. 0 (default): at zero, so the
+            UNet starts as the base model exactly. Above 0 the user branch starts as an echo of the text
+            attention (and the model differs from the base before training); at 1 a second, text-like
+            attention output doubles the layer's output and breaks prompt adherence.
         backend: 'sdpa' or 'xformers' for the new processors. None (default) keeps what each layer ran:
             after ``unet.enable_xformers_memory_efficient_attention()`` the user branch runs on xformers too.
 
@@ -129,6 +138,8 @@ def install_user_attention(
 
     if backend is not None:
         check_backend(backend)
+    if value_init_scale < 0:
+        raise ValueError(f"value_init_scale={value_init_scale} must be >= 0 (0: the user branch starts at exactly zero)")
     processors = dict(unet.attn_processors)
     user_processors: dict[str, UserAttnProcessor] = {}
     text_only: list[str] = []

@@ -86,7 +86,7 @@ class TrainConfig:
     ppd_heads: int = field(default=4, metadata={"help": "PPD: attention heads of the head"})
     ppd_encoder: str = field(default="set", metadata={"help": "PPD: 'set' (set-transformer head over the examples' backbone features; its tokens start at 0.05 scale) or 'evidence' (tokens = shared tokens + one learned linear map of the mean preferred-minus-rejected image embedding: the plain few-shot estimate of a linear taste, trained by every user's pairs)"})
     ppd_attention_lr: float | None = field(default=None, metadata={"help": "PPD: learning rate of the UNet's user projections (and LoRA); default learning_rate. The head's small fresh weights want a far larger rate than copies of the UNet's"})
-    ppd_value_init_scale: float = field(default=1.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v (below 1: the user branch starts weaker than the text attention)"})
+    ppd_value_init_scale: float = field(default=0.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v; 0 (default): at zero, so training starts as the base model exactly (DPO loss log 2 at step 0); above 0 the user branch starts as an echo of the text attention"})
     ppd_init_adapter: str | None = field(default=None, metadata={"help": "PPD: start the user encoder and the user projections from this trained adapter ('embedded-ppd' or a folder) instead of fresh; e.g. a round on its own on-policy pairs (`diffpref world policy-pairs`). Its encoder settings and token count must match this config's"})
 
     def __post_init__(self):
@@ -122,9 +122,12 @@ class TrainConfig:
         if self.conditioning == "ppd" and self.method != "dpo":
             raise ValueError(f"conditioning: ppd trains with Diffusion-DPO (PPD is DPO plus user conditioning); "
                              f"got method={self.method!r}: set method: dpo")
-        if self.ppd_value_init_scale <= 0:
-            raise ValueError(f"ppd_value_init_scale={self.ppd_value_init_scale} must be > 0 (the user values start as "
-                             "this multiple of to_v; 0 would give no gradient to anything behind them)")
+        if self.ppd_value_init_scale < 0:
+            raise ValueError(f"ppd_value_init_scale={self.ppd_value_init_scale} must be >= 0 (the user values start as "
+                             "this multiple of to_v; 0: the user branch starts at exactly zero)")
+        if self.ppd_value_init_scale == 0 and self.ppd_attention_lr == 0 and not self.ppd_init_adapter:
+            raise ValueError("ppd_value_init_scale=0 with ppd_attention_lr=0: the user values start at zero and are "
+                             "frozen, so the user branch can never act; give the projections a learning rate or a start")
         if self.ppd_attention_lr is not None and self.ppd_attention_lr < 0:
             raise ValueError(f"ppd_attention_lr={self.ppd_attention_lr} must be >= 0 (0 freezes the user projections)")
         if self.lora_alpha is None:
