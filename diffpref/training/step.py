@@ -96,6 +96,19 @@ def lr_lambda(cfg):
 
 
 def make_optimizer(cfg, param_groups: list[dict]):
+    """The optimizer of ``cfg.optimizer`` over ``param_groups`` (a group's own "lr" overrides learning_rate).
+
+    ``adafactor`` is the official Diffusion-DPO SDXL setting (SalesforceAIResearch/DiffusionDPO train.py:
+    ``transformers.Adafactor(lr=..., weight_decay=..., clip_threshold=1.0, scale_parameter=False,
+    relative_step=False)``): the learning rate comes from the config and its schedule, not Adafactor's own
+    relative step, and it keeps factored second moments only, so a full SDXL UNet fits in far less memory
+    than AdamW's two fp32 moments.
+    """
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, clip_threshold=1.0,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
