@@ -83,6 +83,11 @@ torchrun --nproc_per_node 2 -m diffpref.cli generate --prompts p.txt --out o
 ```
 
 [a link that resolves](configs/embedded_dpo.yaml), [one that does not](docs/gone.md), [a site](https://x.org).
+
+An indented block:
+
+    diffpref info --json
+    accelerate launch --config_file configs/accelerate/none.yaml train/train.py --config configs/embedded_dpo.yaml
 """
 
 
@@ -99,11 +104,12 @@ def test_checker_finds_each_kind_of_broken_command(tmp_path):
     doc = _doc_root(tmp_path, BAD_DOC)
     checked, problems = check_doc_commands.run_checks([doc], root=tmp_path)
     found = sorted(p.command.line for p in problems)
-    assert found == [4, 5, 6, 7, 8, 9, 11, 12, 15], "\n".join(map(str, problems))
+    assert found == [4, 5, 6, 7, 8, 9, 11, 12, 15, 30], "\n".join(map(str, problems))
     messages = " ".join(p.message for p in problems)
     assert "--no-such-flag" in messages and "no_such.yaml does not exist" in messages
     assert "no_such_key" in messages and "no_such_script.py does not exist" in messages
-    assert checked == 15  # 8 bad fenced + 2 inline + 5 good (one chain of two)
+    assert checked == 17  # 8 bad fenced + 2 inline + 5 good (one chain of two) + 2 indented
+    assert "none.yaml does not exist" in messages
     assert check_doc_commands.broken_links([doc], root=tmp_path) == ["doc.md:25: link to docs/gone.md does not exist"]
 
 

@@ -17,7 +17,7 @@ What is checked, without running anything long:
   script's own parser judges them and its work never runs.
 
 Commands come from fenced ```bash blocks (backslash-continued lines joined, `#` comments
-dropped, `&&`/`;`/`|` chains split), and from inline `code` spans that start with `diffpref `,
+dropped, `&&`/`;`/`|` chains split), from indented code blocks that start like a command, and from inline `code` spans that start with `diffpref `,
 `python ` or `bash ` unless they hold a placeholder (`...`, `[`, `FILE`-style capitals).
 Running the long commands themselves is left to the person who measures.
 """
@@ -98,6 +98,7 @@ def extract(path: Path, root: Path = ROOT, inline: bool = True) -> list[Command]
     lines = path.read_text().splitlines()
     prose = list(lines)  # the file with every fenced block blanked: where inline spans live
     fence_lang: str | None = None
+    indented_command = False
     pending, pending_line = "", 0
     for number, line in enumerate(lines, 1):
         match = FENCE.match(line.strip())
@@ -106,7 +107,18 @@ def extract(path: Path, root: Path = ROOT, inline: bool = True) -> list[Command]
         if match:
             fence_lang = None if fence_lang is not None else match.group(1)
             continue
-        if fence_lang is None or fence_lang not in ("bash", "sh", "shell", "console"):
+        if fence_lang is None:
+            # An indented code block (4 spaces after a blank line, or after another such line) that
+            # starts like a command is one too: some docs write commands that way.
+            stripped = line.strip()
+            after_blank = number == 1 or not lines[number - 2].strip() or indented_command
+            indented_command = (line.startswith("    ") and after_blank and stripped.startswith(INLINE_STARTS))
+            if indented_command:
+                prose[number - 1] = ""
+                for argv in _split_chain(stripped):
+                    commands.append(Command(rel, number, stripped, argv, inline=False))
+            continue
+        if fence_lang not in ("bash", "sh", "shell", "console"):
             continue
         stripped = line.rstrip()
         if not pending:
@@ -250,6 +262,9 @@ def check(command: Command, root: Path = ROOT) -> str | None:
         rest = argv[2:] if head == "accelerate" else argv[1:]
         if head == "accelerate" and argv[1:2] != ["launch"]:
             return None  # accelerate config / env: nothing of ours
+        for flag in ("--config_file", "--config-file"):
+            if flag in rest and not (root / rest[rest.index(flag) + 1]).is_file():
+                return f"{flag} {rest[rest.index(flag) + 1]} does not exist"
         if "-m" in rest or "--module" in rest:  # the launcher runs a module: -m MODULE ARGS
             at = max(rest.index(flag) for flag in ("-m", "--module") if flag in rest)
             return _check_module(rest[at + 1] if len(rest) > at + 1 else "", rest[at + 2:], root)
