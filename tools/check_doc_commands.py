@@ -323,7 +323,7 @@ def check_script_arguments(command: Command, root: Path = ROOT, timeout: float =
     else:
         kind, target, args = "path", argv[1], argv[2:]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", _CHILD, kind, target, *args], cwd=root, env=env,
+    result = subprocess.run([sys.executable, "-c", _CHILD, kind, target, *args], check=False, cwd=root, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
