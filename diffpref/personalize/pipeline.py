@@ -1,10 +1,14 @@
-"""``PersonalizedPipeline``: a StableDiffusionPipeline with one extra input, the user.
+"""``PersonalizedPipeline``: a Stable Diffusion pipeline (SD1.5 or SDXL) with one extra input, the user.
 
     pipe = PersonalizedPipeline.from_base(load_pipeline("embedded"), adapter="embedded-ppd")
     image = pipe("a star", user_examples=[UserExample(prompt, preferred, rejected), ...], user_scale=1.0).images[0]
 
 A user is given by a handful of their choices (``user_examples``) or by a saved embedding
 (``user_embedding``, [K, d]). No user, or ``user_scale=0``, gives exactly the base model's image.
+
+``PersonalizedPipeline.from_base`` (and ``from_pretrained``) return a ``PersonalizedSDXLPipeline``
+for an SDXL base: the user tokens are appended to the concatenated states of both text encoders;
+the pooled embedding and the added time ids are the stock pipeline's, untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
@@ -33,27 +37,32 @@ from diffpref.personalize.backbones import UserExample
 from diffpref.personalize.encoder import UserEncoder, embed_user
 
 
-class PersonalizedPipeline(StableDiffusionPipeline):
-    _optional_components = [*StableDiffusionPipeline._optional_components, "user_encoder"]
+class _UserInputs:
+    """What the SD1.5 and SDXL personalized pipelines share: the adapter, the user, saving and loading."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, user_encoder: UserEncoder | None = None,
-                 safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False):
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                         safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
-                         requires_safety_checker=requires_safety_checker)
+    ppd_config: dict
+    _backbone = None
+
+    def _init_user(self, user_encoder) -> None:
         self.register_modules(user_encoder=user_encoder)
-        self.ppd_config: dict = {}
+        self.ppd_config = {}
         self._backbone = None
-        self._user_cache: dict = {}
+        self._user_cache = {}
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_base(cls, base: StableDiffusionPipeline, adapter: str | os.PathLike = "embedded-ppd",
-                  backbone=None) -> PersonalizedPipeline:
-        """Wrap a loaded base pipeline (its modules are shared, not copied) with a PPD adapter."""
+    def from_base(cls, base, adapter: str | os.PathLike = "embedded-ppd", backbone=None):
+        """Wrap a loaded base pipeline (its modules are shared, not copied) with a PPD adapter.
+
+        An SDXL base gives a ``PersonalizedSDXLPipeline``, an SD1.5 one a ``PersonalizedPipeline``,
+        whichever of the two this is called on.
+        """
+        target = PersonalizedSDXLPipeline if isinstance(base, StableDiffusionXLPipeline) else PersonalizedPipeline
+        if not isinstance(base, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise TypeError(f"PPD adapters apply to StableDiffusionPipeline or StableDiffusionXLPipeline, "
+                            f"got {type(base).__name__}")
         encoder, config = load_ppd_adapter(base.unet, adapter)
-        pipe = cls(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                   scheduler=base.scheduler, user_encoder=encoder)
+        pipe = target(user_encoder=encoder, **target._base_modules(base))
         pipe.ppd_config, pipe._backbone = config, backbone
         pipe.register_to_config(_name_or_path=getattr(base, "name_or_path", ""))  # keeps model-specific defaults
         guard_xformers_switch(pipe)
@@ -72,9 +81,13 @@ class PersonalizedPipeline(StableDiffusionPipeline):
         (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(self.ppd_config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> PersonalizedPipeline:
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         folder = Path(pretrained_model_name_or_path)
+        index = folder / "model_index.json"
+        saved_as = json.loads(index.read_text()).get("_class_name") if index.exists() else None
+        target = {"PersonalizedSDXLPipeline": PersonalizedSDXLPipeline,
+                  "PersonalizedPipeline": PersonalizedPipeline}.get(saved_as, cls)
+        pipe = super(_UserInputs, target).from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.ppd_config = json.loads((folder / CONFIG_NAME).read_text())
         install_user_attention(pipe.unet, pipe.ppd_config["num_tokens"], blocks=pipe.ppd_config["blocks"])
         state = load_file(str(folder / ATTENTION_NAME))
@@ -109,29 +122,94 @@ class PersonalizedPipeline(StableDiffusionPipeline):
             raise ValueError(f"user_embedding has shape {tuple(user_embedding.shape)}; this pipeline expects "
                              f"[..., {self.num_user_tokens}, {self.unet.config.cross_attention_dim}]")
 
+    def _resolve_user(self, user_examples, user_embedding, user_scale) -> tuple[torch.Tensor | None, float]:
+        """(user tokens [B or 1, K, d] or None, the scale the user branch runs at)."""
+        self.check_user_inputs(user_examples, user_embedding, user_scale)
+        if user_examples is not None:
+            user_embedding = self.embed_user(user_examples)
+        if user_embedding is None or user_scale == 0:
+            return None, 0.0
+        tokens = user_embedding.to(self.device, self.unet.dtype)
+        return (tokens.unsqueeze(0) if tokens.dim() == 2 else tokens), float(user_scale)
+
+    def _with_user(self, prompt_embeds, negative_embeds, tokens):
+        """Append the user tokens to the prompt's states, and the zero user to the unconditional ones:
+        the unconditional branch sees no user, so guidance also pushes towards the user's taste."""
+        tokens = None if tokens is None else tokens.to(prompt_embeds.dtype)
+        prompt_embeds = concat_user_tokens(prompt_embeds, tokens, self.num_user_tokens)
+        if negative_embeds is not None:
+            negative_embeds = concat_user_tokens(negative_embeds, None, self.num_user_tokens)
+        return prompt_embeds, negative_embeds
+
+    def _denoise(self, scale: float, **call_kwargs):
+        # Denoise with the user branch scaled (0 skips it: bit-identical to the base model). The user
+        # tokens are the same at every step: each layer projects them once, for the user rows only.
+        set_user_scale(self.unet, scale)
+        with fixed_user_tokens(self.unet):
+            return super().__call__(**call_kwargs)
+
+
+class PersonalizedPipeline(_UserInputs, StableDiffusionPipeline):
+    _optional_components = [*StableDiffusionPipeline._optional_components, "user_encoder"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, user_encoder: UserEncoder | None = None,
+                 safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False):
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
+                         requires_safety_checker=requires_safety_checker)
+        self._init_user(user_encoder)
+
+    @staticmethod
+    def _base_modules(base) -> dict:
+        return dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                    scheduler=base.scheduler)
+
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, user_examples: Sequence[UserExample] | None = None,
                  user_embedding: torch.Tensor | None = None, user_scale: float = 1.0, negative_prompt=None,
                  guidance_scale: float = 7.5, **kwargs):
-        # 1. Check inputs and resolve the user
-        self.check_user_inputs(user_examples, user_embedding, user_scale)
-        if user_examples is not None:
-            user_embedding = self.embed_user(user_examples)
-        has_user = user_embedding is not None and user_scale > 0
-        # 2. Encode the prompt as the stock pipeline does, then append the user tokens
+        tokens, scale = self._resolve_user(user_examples, user_embedding, user_scale)
+        # Encode the prompt as the stock pipeline does, then append the user tokens
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_embeds = self.encode_prompt(prompts, self.device, 1, do_cfg, negative_prompt)
-        tokens = user_embedding.to(self.device, prompt_embeds.dtype) if has_user else None
-        if tokens is not None and tokens.dim() == 2:
-            tokens = tokens.unsqueeze(0)
-        prompt_embeds = concat_user_tokens(prompt_embeds, tokens, self.num_user_tokens)
-        if negative_embeds is not None:
-            # The unconditional branch sees no user, so guidance also pushes towards the user's taste.
-            negative_embeds = concat_user_tokens(negative_embeds, None, self.num_user_tokens)
-        # 3. Denoise with the user branch scaled (0 skips it: bit-identical to the base model). The user
-        #    tokens are the same at every step: each layer projects them once, for the user rows only.
-        set_user_scale(self.unet, float(user_scale) if has_user else 0.0)
-        with fixed_user_tokens(self.unet):
-            return super().__call__(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                                    guidance_scale=guidance_scale, **kwargs)
+        prompt_embeds, negative_embeds = self.encode_prompt(prompts, self.device, 1, guidance_scale > 1.0, negative_prompt)
+        prompt_embeds, negative_embeds = self._with_user(prompt_embeds, negative_embeds, tokens)
+        return self._denoise(scale, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                             guidance_scale=guidance_scale, **kwargs)
+
+
+class PersonalizedSDXLPipeline(_UserInputs, StableDiffusionXLPipeline):
+    """SDXL with a user: the user tokens follow the (768 + 1280)-wide states of both text encoders."""
+
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, "user_encoder"]
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 user_encoder: UserEncoder | None = None, image_encoder=None, feature_extractor=None,
+                 force_zeros_for_empty_prompt: bool = True, add_watermarker: bool | None = None):
+        super().__init__(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+                         feature_extractor=feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                         add_watermarker=add_watermarker)
+        self._init_user(user_encoder)
+
+    @staticmethod
+    def _base_modules(base) -> dict:
+        # the base's own settings: an empty negative prompt as zeros or encoded, its watermarker on or off
+        return dict(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                    tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler,
+                    force_zeros_for_empty_prompt=bool(base.config.force_zeros_for_empty_prompt),
+                    add_watermarker=getattr(base, "watermark", None) is not None)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, *, user_examples: Sequence[UserExample] | None = None,
+                 user_embedding: torch.Tensor | None = None, user_scale: float = 1.0, negative_prompt=None,
+                 guidance_scale: float = 5.0, prompt_2=None, negative_prompt_2=None, **kwargs):
+        tokens, scale = self._resolve_user(user_examples, user_embedding, user_scale)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompts, prompt_2=prompt_2, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=guidance_scale > 1.0, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2)
+        prompt_embeds, negative_embeds = self._with_user(prompt_embeds, negative_embeds, tokens)
+        return self._denoise(scale, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                             pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled,
+                             guidance_scale=guidance_scale, **kwargs)
