@@ -1,4 +1,5 @@
-"""The latent/prompt cache: exact encodings, SDXL conditioning, keys, reuse, atomic builds, rating caches."""
+"""The latent/prompt cache: exact encodings, SDXL conditioning (per-image sizes and crops), flips, keys, reuse,
+resumable builds, rating caches. The 2-process build is in test_cache_distributed.py."""
 
 from __future__ import annotations
 
@@ -14,11 +15,23 @@ import pytest
 import torch
 from PIL import Image
 
-import diffpref.training.cache as cache_module
+import diffpref.training.cache.builder as builder_module
+import diffpref.training.cache.layout as layout_module
 from diffpref.data import DataError
 from diffpref.models.builders import tiny_sd15_pipeline, tiny_sdxl_pipeline
-from diffpref.training.cache import PreferenceCache, build_preference_cache, build_rating_cache
-from diffpref.training.conditioning import added_cond_kwargs, encode_images, encode_prompts, resize_center_crop
+from diffpref.training import randomness
+from diffpref.training.cache import (
+    PreferenceCache,
+    build_preference_cache,
+    build_rating_cache,
+)
+from diffpref.training.conditioning import (
+    added_cond_kwargs,
+    encode_images,
+    encode_prompts,
+    pair_cond,
+    resize_center_crop,
+)
 
 RES = 32  # native resolution of the tiny pipelines: UNet sample size 16 x VAE factor 2
 # Cached latents and embeddings are stored in fp16.
@@ -85,12 +98,13 @@ def direct_latents(vae, array: np.ndarray) -> torch.Tensor:
 
 def test_sd15_cache_matches_direct_encoding(sd15, tmp_path: Path, monkeypatch) -> None:
     data = write_parquet(tmp_path / "pairs.parquet")
-    monkeypatch.setattr(cache_module, "ROWS_PER_SHARD", 2)  # items are read across several shards
-    cache = build_preference_cache(sd15, data, tmp_path / "cache", batch_size=2, progress=False)
+    monkeypatch.setattr(layout_module, "CHUNK_ROWS", 2)  # items are read across several chunks
+    cache = build_preference_cache(sd15, data, tmp_path / "cache", batch_size=3, progress=False, num_workers=0)
 
     kept = [r for r, label in enumerate(LABELS) if label != 0.5]  # tie_policy="drop"
     assert len(cache) == len(kept) and cache.skipped == {"tie": 1}
-    assert cache.meta["shards"] == {"rows": [2, 2, 1], "prompts": [2, 1]}
+    # Chunks of 2 source rows: rows 0-1, 2-3 (row 2 is a tie), 4-5; each stores its own prompts.
+    assert cache.meta["chunks"] == {"rows": [2, 1, 2], "prompts": [2, 1, 2]}
     assert cache.resolution == RES and cache.users == ["10", "11"]
     assert cache.prompts == ["a red star number 0", "a red star number 1", "a red star number 2"]
     with torch.no_grad():
@@ -117,37 +131,95 @@ def test_sd15_cache_matches_direct_encoding(sd15, tmp_path: Path, monkeypatch) -
     assert out.sample.shape == (3, 4, 16, 16)
 
 
-def test_sdxl_cache_pooled_embeds_and_time_ids(sdxl, tmp_path: Path) -> None:
-    manifest = write_manifest(tmp_path)
-    cache = build_preference_cache(sdxl, manifest, tmp_path / "cache", batch_size=3, progress=False)
+# (width, height) of image_0 / image_1 per row: every image its own size, so its own time ids.
+SDXL_SIZES = [((48, 40), (32, 32)), ((49, 40), (40, 64)), ((33, 80), (64, 48)), ((40, 40), (100, 37))]
+
+
+def test_sdxl_cache_pooled_embeds_and_per_image_time_ids(sdxl, tmp_path: Path) -> None:
+    lines = []
+    for r, sizes in enumerate(SDXL_SIZES):
+        for side, size in enumerate(sizes):
+            Image.fromarray(noise_image(300 + 2 * r + side, size)).save(tmp_path / f"{r}_{side}.png")
+        lines.append({"prompt": f"blue circle {r % 2}", "image_0": f"{r}_0.png", "image_1": f"{r}_1.png",
+                      "label": float(r % 2), "user_id": f"u{r % 2}"})
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cache = build_preference_cache(sdxl, manifest, tmp_path / "cache", batch_size=3, progress=False, num_workers=0)
     assert len(cache) == 4 and cache.is_sdxl and cache.users == ["u0", "u1"]
 
     item = cache[1]
-    assert set(item) >= {"prompt_embeds", "pooled_prompt_embeds"}
-    cond = encode_prompts(sdxl, cache.prompts)
+    assert set(item) >= {"prompt_embeds", "pooled_prompt_embeds", "time_ids_0", "time_ids_1"}
     with torch.no_grad():
         embeds, _, pooled, _ = sdxl.encode_prompt(cache.prompts, device="cpu", do_classifier_free_guidance=False)
-    torch.testing.assert_close(cond["prompt_embeds"], embeds)
+    torch.testing.assert_close(encode_prompts(sdxl, cache.prompts)["prompt_embeds"], embeds)
     assert embeds.shape[-1] == 16 + 16  # both encoders' penultimate states, concatenated
     torch.testing.assert_close(item["prompt_embeds"], embeds[1], **FP16_TOL)
     torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[1], **FP16_TOL)
 
-    # Non-square 48x40 images are resized (shorter side to 32) and centre-cropped.
+    # Non-square 49x40: the shorter side to 32 (49 * 0.8 = 39.2 -> 39 wide), centre crop from left 3.
     image = Image.open(tmp_path / "1_0.png")
-    cropped = np.asarray(resize_center_crop(image, RES))
-    assert cropped.shape == (RES, RES, 3)
-    torch.testing.assert_close(item["latents_0"], direct_latents(sdxl.vae, cropped), **FP16_TOL)
+    torch.testing.assert_close(item["latents_0"], direct_latents(sdxl.vae, np.asarray(resize_center_crop(image, RES))),
+                               **FP16_TOL)
     torch.testing.assert_close(item["latents_0"], encode_images(sdxl.vae, [image], RES)[0], **FP16_TOL)
+    assert item["time_ids_0"].tolist() == [40, 49, 0, 3, RES, RES]  # (orig h, orig w, top, left, target)
 
-    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=2)))
-    added = added_cond_kwargs(sdxl.unet, batch, RES, 2)
-    assert added["time_ids"].shape == (2, 6) and added["time_ids"][0].tolist() == [RES, RES, 0, 0, RES, RES]
+    # Time ids per image, from sizes computed here independently of the cache's helpers.
+    def expected_ids(width: int, height: int) -> list[float]:
+        scale = RES / min(width, height)
+        new_w, new_h = max(round(width * scale), RES), max(round(height * scale), RES)
+        return [height, width, (new_h - RES) // 2, (new_w - RES) // 2, RES, RES]
+
+    batch = next(iter(torch.utils.data.DataLoader(cache, batch_size=4)))
+    batch["cond"] = {k: batch.pop(k) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    cond2 = pair_cond(batch)  # what the pair objectives run: latents_0's rows, then latents_1's
+    added = added_cond_kwargs(sdxl.unet, cond2, RES, 8)
+    assert added["time_ids"].tolist() == ([expected_ids(*sizes[0]) for sizes in SDXL_SIZES]
+                                          + [expected_ids(*sizes[1]) for sizes in SDXL_SIZES])
+    x = torch.cat([batch["latents_0"], batch["latents_1"]])
+    t = torch.tensor([5, 50, 500, 900] * 2)
     with torch.no_grad():
-        out = sdxl.unet(batch["latents_1"], torch.tensor([5, 50]), encoder_hidden_states=batch["prompt_embeds"],
-                        added_cond_kwargs=added)
-    assert out.sample.shape == (2, 4, 16, 16)
+        out = sdxl.unet(x, t, encoder_hidden_states=cond2["prompt_embeds"], added_cond_kwargs=added).sample
+        fixed = added_cond_kwargs(sdxl.unet, batch["cond"], RES, 4)  # no time ids given: (res, res, 0, 0, res, res)
+        plain = sdxl.unet(x[:4], t[:4], encoder_hidden_states=batch["cond"]["prompt_embeds"],
+                          added_cond_kwargs=fixed).sample
+    assert out.shape == (8, 4, 16, 16) and fixed["time_ids"][0].tolist() == [RES, RES, 0, 0, RES, RES]
+    assert not torch.allclose(out[:4], plain)  # the stored sizes reach the UNet
     # The empty prompt's single pooled row is broadcast to the batch.
     assert added_cond_kwargs(sdxl.unet, cache.empty_prompt_cond, RES, 2)["text_embeds"].shape == (2, 16)
+
+
+def test_flip_caches_both_orientations_and_mirrors_the_crop(sdxl, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, size=(49, 40))  # 39 wide after resizing: an off-centre crop
+    plain = build_preference_cache(sdxl, manifest, tmp_path / "cache", progress=False, num_workers=0)
+    flipped = build_preference_cache(sdxl, manifest, tmp_path / "cache", progress=False, num_workers=0,
+                                     random_flip=True)
+    assert flipped.key != plain.key and flipped.random_flip and not plain.random_flip
+    with pytest.raises(ValueError, match="without random_flip"):
+        plain.get(0, [True, False])
+    for i in range(len(plain)):
+        image = Image.open(tmp_path / f"{i}_0.png")
+        mirrored = np.ascontiguousarray(np.asarray(resize_center_crop(image, RES))[:, ::-1])
+        item = flipped.get(i, [True, False])
+        # The mirrored image's own latents, not the mirrored latents (the VAE is not mirror-equivariant).
+        torch.testing.assert_close(item["latents_0"], direct_latents(sdxl.vae, mirrored), **FP16_TOL)
+        assert not torch.allclose(item["latents_0"], plain[i]["latents_0"].flip(-1), atol=1e-2)
+        assert torch.equal(item["latents_1"], flipped[i]["latents_1"])
+        torch.testing.assert_close(flipped[i]["latents_0"], plain[i]["latents_0"], **FP16_TOL)
+        # Crop left 3 of a 39-wide resize; mirrored, the same pixels start at 39 - 32 - 3 = 4.
+        assert flipped[i]["time_ids_0"].tolist() == [40, 49, 0, 3, RES, RES]
+        assert item["time_ids_0"].tolist() == [40, 49, 0, 4, RES, RES]
+        assert item["time_ids_1"].tolist() == flipped[i]["time_ids_1"].tolist()
+
+
+def test_flip_choices_are_a_function_of_seed_step_and_position() -> None:
+    first = randomness.flip_choices(7, range(512), 2, seed=1)
+    assert first.shape == (512, 2) and torch.equal(first, randomness.flip_choices(7, range(512), 2, seed=1))
+    # A process holding positions 256-511 draws what one process draws for them.
+    assert torch.equal(first[256:], randomness.flip_choices(7, range(256, 512), 2, seed=1))
+    assert 0.4 < first.float().mean() < 0.6  # each image mirrored with probability 1/2
+    assert not torch.equal(first[:, 0], first[:, 1])  # the two images of a pair independently
+    assert not torch.equal(first, randomness.flip_choices(8, range(512), 2, seed=1))
+    assert not torch.equal(first, randomness.flip_choices(7, range(512), 2, seed=2))
 
 
 def test_key_changes_with_data_and_model_and_reuses_otherwise(sd15, tmp_path: Path, monkeypatch) -> None:
@@ -160,8 +232,8 @@ def test_key_changes_with_data_and_model_and_reuses_otherwise(sd15, tmp_path: Pa
         raise AssertionError("a finished cache must be reused without encoding")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cache_module, "encode_images", no_encoding)
-        patch.setattr(cache_module, "encode_prompts", no_encoding)
+        patch.setattr(builder_module, "encode_images", no_encoding)
+        patch.setattr(builder_module, "encode_prompts", no_encoding)
         again = build_preference_cache(sd15, data, root, progress=False)
     assert again.path == first.path and (again.path / "meta.json").stat().st_mtime_ns == meta_mtime
 
@@ -191,30 +263,52 @@ def test_manifest_image_change_changes_key(sd15, tmp_path: Path) -> None:
     assert build_preference_cache(sd15, manifest, tmp_path / "cache", progress=False).key != key
 
 
-def test_interrupted_build_leaves_no_cache_and_rerun_succeeds(sd15, tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_build_is_no_cache_and_the_rerun_resumes(sd15, tmp_path: Path, monkeypatch) -> None:
     data = write_parquet(tmp_path / "pairs.parquet")
     root = tmp_path / "cache"
     calls = []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed mid-build")
-        return encode_images(*args, **kwargs)
+    def counting(fail_at):
+        def encode(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise RuntimeError("killed mid-build")
+            return encode_images(*args, **kwargs)
+        return encode
 
+    monkeypatch.setattr(layout_module, "CHUNK_ROWS", 2)  # 3 chunks, one VAE call each (batch_size 4)
     with monkeypatch.context() as patch:
-        patch.setattr(cache_module, "ROWS_PER_SHARD", 2)  # a shard is on disk before the failure
-        patch.setattr(cache_module, "encode_images", failing)
+        patch.setattr(builder_module, "encode_images", counting(fail_at=2))
         with pytest.raises(RuntimeError, match="killed mid-build"):
-            build_preference_cache(sd15, data, root, batch_size=2, progress=False)
-    assert list(root.iterdir()) == []  # neither a finished cache nor a half-built one
-
-    cache = build_preference_cache(sd15, data, root, batch_size=2, progress=False)
-    assert len(cache) == 5 and [p.name for p in root.iterdir()] == [cache.key]
-    # A directory without meta.json is never opened as a cache.
-    (root / "partial").mkdir()
+            build_preference_cache(sd15, data, root, batch_size=4, progress=False, num_workers=0)
+    # Only the build directory is left: never opened as a cache, but its finished chunk is kept.
+    (partial,) = root.iterdir()
+    assert partial.name.endswith(".partial") and not (partial / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="not a finished cache"):
-        PreferenceCache(root / "partial")
+        PreferenceCache(partial)
+
+    calls.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(builder_module, "encode_images", counting(fail_at=-1))
+        cache = build_preference_cache(sd15, data, root, batch_size=4, progress=False, num_workers=0)
+    assert len(calls) == 2  # the rerun encodes the two chunks that were not finished, not the first
+    assert len(cache) == 5 and [p.name for p in root.iterdir()] == [cache.key]
+    fresh = build_preference_cache(sd15, data, tmp_path / "fresh", batch_size=4, progress=False, num_workers=0)
+    for i in range(len(cache)):
+        for name, value in fresh[i].items():
+            assert torch.equal(cache[i][name], value), (i, name)
+
+
+def test_cache_of_another_version_is_refused_and_rebuilt(sd15, tmp_path: Path, monkeypatch) -> None:
+    data = write_parquet(tmp_path / "pairs.parquet")
+    cache = build_preference_cache(sd15, data, tmp_path / "cache", progress=False, num_workers=0)
+    meta = json.loads((cache.path / "meta.json").read_text())
+    (cache.path / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(ValueError, match="version 1; expected 'pairs' version 2"):
+        PreferenceCache(cache.path)
+    # The version is key material: a build by another version never finds this directory.
+    monkeypatch.setattr(layout_module, "CACHE_VERSION", 3)
+    assert build_preference_cache(sd15, data, tmp_path / "cache", progress=False, num_workers=0).key != cache.key
 
 
 def test_rating_cache_from_pairs_and_from_jsonl(sd15, tmp_path: Path) -> None:

@@ -43,8 +43,11 @@ def _manifest_path(path: str | os.PathLike) -> Path:
     return resolved
 
 
-def _lines(path: Path, judge: RowJudge, progress: bool | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line; malformed lines are judged and skipped."""
+def _lines(path: Path, judge: RowJudge, progress: bool | None,
+           rows: range | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line; malformed lines are judged and skipped.
+    ``rows`` (0-based line positions, blank lines included) keeps only those lines; the others are
+    neither parsed nor counted."""
     total = None
     if progress is not False:
         # Counting lines is cheap next to decoding their images, and lets the bar show an ETA.
@@ -53,6 +56,8 @@ def _lines(path: Path, judge: RowJudge, progress: bool | None) -> Iterator[tuple
     with open(path, encoding="utf-8") as handle, progress_bar(total, progress, desc=path.name) as bar:
         for number, text in enumerate(handle, start=1):
             bar.update(1)
+            if rows is not None and number - 1 not in rows:
+                continue
             if not text.strip():
                 continue  # blank lines (often a trailing newline) are not rows
             try:
@@ -111,21 +116,24 @@ def iter_jsonl_manifest(
     limit: int | None = None,
     progress: bool | None = None,
     stats: LoadStats | None = None,
+    rows: range | None = None,
 ) -> Iterator[PreferencePair]:
     """Stream usable pairs from a JSONL pair manifest; see ``read_jsonl_manifest``.
 
-    Arguments are checked at once; the lines are read as the iterator is consumed.
+    Arguments are checked at once; the lines are read as the iterator is consumed. ``rows``
+    (0-based line positions) reads only those lines.
     """
     check_tie_policy(tie_policy)
     path = _manifest_path(path)
     if stats is None:
         stats = LoadStats(source=str(path))
     judge = RowJudge(stats, strict, source=str(path), unit="line")
-    return _stream_pairs(path, tie_policy, judge, max_pixels, limit, progress)
+    return _stream_pairs(path, tie_policy, judge, max_pixels, limit, progress, rows)
 
 
 def _stream_pairs(
-    path: Path, tie_policy: str, judge: RowJudge, max_pixels: int | None, limit: int | None, progress: bool | None
+    path: Path, tie_policy: str, judge: RowJudge, max_pixels: int | None, limit: int | None, progress: bool | None,
+    rows: range | None = None,
 ) -> Iterator[PreferencePair]:
     """The generator behind ``iter_jsonl_manifest``."""
     stats = judge.stats
@@ -133,7 +141,7 @@ def _stream_pairs(
     yielded = 0
     if limit is not None and limit <= 0:
         return
-    for number, record in _lines(path, judge, progress):
+    for number, record in _lines(path, judge, progress, rows):
         if "image" in record and "image_0" not in record and "image_1" not in record:
             raise _wrong_kind(path, number, "single-image rating", "read_jsonl_ratings")
         prompt = _prompt(record, number, judge)
@@ -210,22 +218,26 @@ def iter_jsonl_ratings(
     limit: int | None = None,
     progress: bool | None = None,
     stats: LoadStats | None = None,
+    rows: range | None = None,
 ) -> Iterator[ImageRating]:
-    """Stream usable ratings from a JSONL ratings manifest; see ``read_jsonl_ratings``."""
+    """Stream usable ratings from a JSONL ratings manifest; see ``read_jsonl_ratings``. ``rows``
+    (0-based line positions) reads only those lines."""
     path = _manifest_path(path)
     if stats is None:
         stats = LoadStats(source=str(path))
-    return _stream_ratings(path, RowJudge(stats, strict, source=str(path), unit="line"), max_pixels, limit, progress)
+    return _stream_ratings(path, RowJudge(stats, strict, source=str(path), unit="line"), max_pixels, limit, progress,
+                           rows)
 
 
 def _stream_ratings(
-    path: Path, judge: RowJudge, max_pixels: int | None, limit: int | None, progress: bool | None
+    path: Path, judge: RowJudge, max_pixels: int | None, limit: int | None, progress: bool | None,
+    rows: range | None = None,
 ) -> Iterator[ImageRating]:
     """The generator behind ``iter_jsonl_ratings``."""
     yielded = 0
     if limit is not None and limit <= 0:
         return
-    for number, record in _lines(path, judge, progress):
+    for number, record in _lines(path, judge, progress, rows):
         if "image" not in record and ("image_0" in record or "image_1" in record):
             raise _wrong_kind(path, number, "preference pair", "read_jsonl_manifest")
         prompt = _prompt(record, number, judge)

@@ -13,7 +13,15 @@ import pyarrow.parquet as pq
 
 from diffpref.data.errors import DataError, ImageRejected
 from diffpref.data.images import DEFAULT_MAX_PIXELS, decode_image
-from diffpref.data.loading import LoadResult, LoadStats, RowJudge, check_tie_policy, collect, parse_label, progress_bar
+from diffpref.data.loading import (
+    LoadResult,
+    LoadStats,
+    RowJudge,
+    check_tie_policy,
+    collect,
+    parse_label,
+    progress_bar,
+)
 from diffpref.data.records import PreferencePair, is_tie
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -111,11 +119,14 @@ def iter_pickapic(
     limit: int | None = None,
     progress: bool | None = None,
     stats: LoadStats | None = None,
+    rows: range | None = None,
 ) -> Iterator[PreferencePair]:
     """Stream usable pairs from Pick-a-Pic v2 parquet file(s), one batch of rows at a time.
 
     Arguments are as for ``read_pickapic``; pass a ``LoadStats`` as ``stats`` to read
-    the skip report once the iterator is exhausted. The tie policy, the paths and
+    the skip report once the iterator is exhausted. ``rows`` (positions over all files in
+    order) reads only those rows: the others are neither decoded nor counted, and row groups
+    outside it are not read (the latent cache splits a source this way over processes). The tie policy, the paths and
     every file's columns are checked right away, not at the first ``next()``, so a
     bad argument or a wrong file fails before hours of decoding.
     """
@@ -127,7 +138,7 @@ def iter_pickapic(
             total += parquet.metadata.num_rows
     if stats is None:
         stats = LoadStats(source=_describe(path_or_paths))
-    return _stream(paths, total, tie_policy, strict, max_pixels, limit, progress, stats)
+    return _stream(paths, total, tie_policy, strict, max_pixels, limit, progress, stats, rows)
 
 
 def _stream(
@@ -139,22 +150,31 @@ def _stream(
     limit: int | None,
     progress: bool | None,
     stats: LoadStats,
+    rows: range | None = None,
 ) -> Iterator[PreferencePair]:
     """The generator behind ``iter_pickapic``: rows of every file in order, row indices per file."""
     if limit is not None and limit <= 0:
         return
     yielded = 0
-    with progress_bar(total, progress, desc="pick-a-pic") as bar:
+    offset = 0  # position of the file's first row among all files
+    with progress_bar(len(rows) if rows is not None else total, progress, desc="pick-a-pic") as bar:
         for path in paths:
             with _open(path) as parquet:
                 judge = RowJudge(stats, strict, source=str(path))
                 wanted = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + EXTRA_COLUMNS
                 # Only the columns we use are read: URLs, timestamps etc. never leave the disk.
                 columns = [c for c in wanted if c in parquet.schema_arrow.names]
-                row = 0
-                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                base = offset
+                offset += parquet.metadata.num_rows
+                groups, row = _row_groups(parquet, base, rows)
+                if not groups:
+                    continue
+                for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, row_groups=groups):
                     data = {name: batch.column(name).to_pylist() for name in columns}
                     for i in range(batch.num_rows):
+                        if rows is not None and base + row not in rows:
+                            row += 1
+                            continue
                         cells = {name: values[i] for name, values in data.items()}
                         pair = _row_to_pair(cells, row, judge, tie_policy, max_pixels)
                         row += 1
@@ -166,6 +186,19 @@ def _stream(
                         yielded += 1
                         if limit is not None and yielded >= limit:
                             return
+
+
+def _row_groups(parquet: pq.ParquetFile, offset: int, rows: range | None) -> tuple[list[int], int]:
+    """The row groups of a file (whose first row is at ``offset``) that hold any of ``rows``, and the
+    file's index of their first row."""
+    groups, first, start = [], None, 0
+    for group in range(parquet.metadata.num_row_groups):
+        count = parquet.metadata.row_group(group).num_rows
+        if rows is None or (offset + start < rows.stop and offset + start + count > rows.start):
+            groups.append(group)
+            first = start if first is None else first
+        start += count
+    return groups, first or 0
 
 
 def _row_to_pair(

@@ -24,7 +24,14 @@ from pathlib import Path
 
 from diffpref.data.errors import DataError, ImageRejected
 from diffpref.data.images import DEFAULT_MAX_PIXELS, decode_image
-from diffpref.data.loading import LoadResult, LoadStats, RowJudge, check_tie_policy, collect, progress_bar
+from diffpref.data.loading import (
+    LoadResult,
+    LoadStats,
+    RowJudge,
+    check_tie_policy,
+    collect,
+    progress_bar,
+)
 from diffpref.data.pickapic_writer import best_image_uid
 from diffpref.data.records import PreferencePair, is_tie
 
@@ -129,8 +136,10 @@ def iter_ratings_db(
     limit: int | None = None,
     progress: bool | None = None,
     stats: LoadStats | None = None,
+    rows: range | None = None,
 ) -> Iterator[PreferencePair]:
-    """Stream usable pairs from a ratings database; see ``read_ratings_db``.
+    """Stream usable pairs from a ratings database; see ``read_ratings_db``. ``rows`` (0-based
+    positions of the ratings, oldest first) reads only those.
 
     The path, the schema and the tie policy are checked at once; rows are read as the
     iterator is consumed, all from one snapshot of the database (writers go on meanwhile).
@@ -139,7 +148,7 @@ def iter_ratings_db(
     conn = connect_readonly(path)
     if stats is None:
         stats = LoadStats(source=os.fspath(path))
-    return _stream(conn, os.fspath(path), tie_policy, strict, max_pixels, limit, progress, stats)
+    return _stream(conn, os.fspath(path), tie_policy, strict, max_pixels, limit, progress, stats, rows)
 
 
 def _stream(
@@ -151,6 +160,7 @@ def _stream(
     limit: int | None,
     progress: bool | None,
     stats: LoadStats,
+    rows: range | None = None,
 ) -> Iterator[PreferencePair]:
     """The generator behind ``iter_ratings_db``; closes the connection however it ends."""
     judge = RowJudge(stats, strict, source=source, unit="rating")
@@ -161,7 +171,9 @@ def _stream(
         total = conn.execute(PREFERENCE_COUNT_SQL).fetchone()[0]
         with progress_bar(total, progress, desc="ratings-db") as bar:
             # One statement: SQLite keeps its read snapshot until the cursor is exhausted.
-            for row in conn.execute(PREFERENCE_ROWS_SQL):
+            for position, row in enumerate(conn.execute(PREFERENCE_ROWS_SQL)):
+                if rows is not None and position not in rows:
+                    continue
                 stats.rows += 1
                 bar.update(1)
                 pair = _row_to_pair(row, source, judge, tie_policy, max_pixels)

@@ -63,11 +63,12 @@ def added_cond_kwargs(unet, cond: dict[str, torch.Tensor], resolution: int,
                       batch_size: int) -> dict[str, torch.Tensor] | None:
     """The UNet's ``added_cond_kwargs``: None for SD1.5-style UNets, SDXL's text and time ids otherwise.
 
-    Time ids are (orig_h, orig_w, crop_top, crop_left, target_h, target_w) with the original
-    size equal to the target size and no crop: the cache stores images already resized and
-    centre-cropped to ``resolution``, so from the model's point of view they were made at that
-    size (this is also what inference passes by default). A pooled embedding of one row (e.g.
-    the empty prompt's) is broadcast to the batch.
+    Time ids are (orig_h, orig_w, crop_top, crop_left, target_h, target_w), SDXL's
+    micro-conditioning. ``cond["time_ids"]`` [batch, 6] gives them per sample (the cache stores
+    every image's original size and crop: ``pair_cond`` / ``preferred_cond`` / ``image_cond`` put
+    them in ``cond``); without it every sample gets (res, res, 0, 0, res, res), what inference
+    passes by default. A pooled embedding of one row (e.g. the empty prompt's) is broadcast to
+    the batch.
     """
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         return None
@@ -84,25 +85,76 @@ def added_cond_kwargs(unet, cond: dict[str, torch.Tensor], resolution: int,
     if expected != SDXL_TIME_IDS * unet.config.addition_time_embed_dim:
         raise ValueError(f"the UNet expects {expected // unet.config.addition_time_embed_dim} time ids, "
                          f"not SDXL base's {SDXL_TIME_IDS}; refiner-style UNets are not supported")
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype,
-                       device=pooled.device)
-    return {"text_embeds": pooled, "time_ids": ids.expand(batch_size, SDXL_TIME_IDS)}
+    ids = cond.get("time_ids")
+    if ids is None:
+        ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype,
+                           device=pooled.device).expand(batch_size, SDXL_TIME_IDS)
+    elif tuple(ids.shape) != (batch_size, SDXL_TIME_IDS):
+        raise ValueError(f"time_ids has shape {tuple(ids.shape)}; expected ({batch_size}, {SDXL_TIME_IDS})")
+    return {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)}
+
+
+def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL time ids [..., 6] from original sizes (h, w) [..., 2] and crops (top, left) [..., 2]."""
+    target = torch.full_like(original_size, resolution)
+    return torch.cat([original_size, crop_top_left, target], dim=-1).float()
+
+
+# The cache gives SDXL items per-image time ids: pairs "time_ids_0" / "time_ids_1", ratings "time_ids".
+def pair_cond(batch: dict) -> dict:
+    """The conditioning of both images of every pair as one batch [2B]: latents_0's rows, then latents_1's."""
+    cond = {k: torch.cat([v, v]) for k, v in batch["cond"].items()}
+    if "time_ids_0" in batch:
+        cond["time_ids"] = torch.cat([batch["time_ids_0"], batch["time_ids_1"]])
+    return cond
+
+
+def preferred_cond(batch: dict) -> dict:
+    """The conditioning of the preferred image of every pair (label >= 0.5 means image 0 won)."""
+    cond = dict(batch["cond"])
+    if "time_ids_0" in batch:
+        first = (batch["label"] >= 0.5).view(-1, 1)
+        cond["time_ids"] = torch.where(first, batch["time_ids_0"], batch["time_ids_1"])
+    return cond
+
+
+def image_cond(batch: dict) -> dict:
+    """The conditioning of single-image (rating) batches."""
+    return {**batch["cond"], "time_ids": batch["time_ids"]} if "time_ids" in batch else batch["cond"]
 
 
 # ----------------------------------------------------------------------------- images
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale the shorter side to ``resolution``, then cut the centre square (the SD training recipe)."""
-    image = image.convert("RGB")
-    width, height = image.size
+def center_crop_box(width: int, height: int, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized width, height), (crop top, crop left)): the shorter side scaled to ``resolution``,
+    then the centre square, the SD training recipe; the crop is in the resized image's pixels."""
     if (width, height) == (resolution, resolution):
-        return image
+        return (width, height), (0, 0)
     scale = resolution / min(width, height)
     # max(..., resolution) guards against rounding a side just below the crop size.
     size = (max(round(width * scale), resolution), max(round(height * scale), resolution))
-    image = image.resize(size, RESAMPLE)
-    left = (size[0] - resolution) // 2
-    top = (size[1] - resolution) // 2
+    return size, ((size[1] - resolution) // 2, (size[0] - resolution) // 2)
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale the shorter side to ``resolution``, then cut the centre square (the SD training recipe)."""
+    image = image.convert("RGB")
+    size, (top, left) = center_crop_box(*image.size, resolution)
+    if size != image.size:
+        image = image.resize(size, RESAMPLE)
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def prepare_image(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int], int]:
+    """(uint8 [r, r, 3] pixels, original size (h, w), crop (top, left), resized width) of one image:
+    what the VAE encodes and what SDXL's time ids say about it."""
+    size, crop = center_crop_box(*image.size, resolution)
+    return np.asarray(resize_center_crop(image, resolution)), (image.size[1], image.size[0]), crop, size[0]
+
+
+def flipped_crop(crop_top_left: tuple[int, int], resized_width: int, resolution: int) -> tuple[int, int]:
+    """The crop of the mirrored image: mirroring the resized image and cutting at the mirrored left
+    edge gives exactly the mirror of the cut, so only crop_left changes (to width - r - left)."""
+    return crop_top_left[0], resized_width - resolution - crop_top_left[1]
 
 
 def images_to_tensor(images: np.ndarray | Sequence[Image.Image], resolution: int) -> torch.Tensor:

@@ -47,6 +47,9 @@ class TrainConfig:
     tie_policy: str = field(default="drop", metadata={"help": "drop | soft: what ties in the data become"})
     resolution: int | None = field(default=None, metadata={"help": "training resolution (default: the model's native one)"})
     cache_dir: str | None = field(default=None, metadata={"help": "latent/text-embedding cache root (default: output_dir/../.cache)"})
+    cache_batch_size: int = field(default=32, metadata={"help": "cache build: images per VAE call and prompts per text-encoder call (every process encodes its share)"})
+    random_flip: bool = field(default=False, metadata={"help": "cache both orientations of every image and mirror each at random per step (the official Diffusion-DPO default; doubles the cache). Off by default: a taste can be about left and right"})
+    process_group_timeout: int = field(default=7200, metadata={"help": "seconds a collective may wait (torch.distributed timeout): a cache build's barrier waits for the slowest share"})
     prompt_dropout: float = field(default=0.1, metadata={"help": "fraction of prompts replaced by '' (keeps guidance working)"})
     lr_scheduler: str = field(default="constant", metadata={"help": "constant | cosine | linear (after warm-up)"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "linear warm-up optimizer steps"})
@@ -109,6 +112,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.timestep_min < 0 or (self.timestep_max is not None and self.timestep_max <= self.timestep_min):
             raise ValueError(f"need 0 <= timestep_min ({self.timestep_min}) < timestep_max ({self.timestep_max})")
+        if self.cache_batch_size < 1 or self.process_group_timeout < 1:
+            raise ValueError(f"cache_batch_size ({self.cache_batch_size}) and process_group_timeout "
+                             f"({self.process_group_timeout}) must be >= 1")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune)")
         if not 0.0 <= self.prompt_dropout < 1.0:

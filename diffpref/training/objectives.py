@@ -34,6 +34,7 @@ import torch
 
 from diffpref import losses
 from diffpref.inversion import ddim_invert
+from diffpref.training.conditioning import image_cond, pair_cond, preferred_cond
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 DATA_KINDS = ("pairs", "ratings")
@@ -131,8 +132,9 @@ def preferred(batch: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- pairs
-def _double(cond: dict) -> dict:
-    return {k: torch.cat([v, v]) for k, v in cond.items()}
+def _double(batch: dict) -> dict:
+    # Both images' conditioning; SDXL's time ids differ per image (conditioning.pair_cond).
+    return pair_cond(batch)
 
 
 def _pair_errors(denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond2: dict, target: torch.Tensor):
@@ -161,7 +163,7 @@ class _Pairs:
 def _forward_noised(x: ObjectiveInputs) -> _Pairs:
     x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
     t2, eps = torch.cat([x.t, x.t]), torch.cat([x.noise, x.noise])
-    return _Pairs(x0, x.schedule.add_noise(x0, eps, t2), t2, _double(x.batch["cond"]), x.schedule.target(x0, eps, t2))
+    return _Pairs(x0, x.schedule.add_noise(x0, eps, t2), t2, _double(x.batch), x.schedule.target(x0, eps, t2))
 
 
 def _inverted(x: ObjectiveInputs) -> _Pairs:
@@ -170,7 +172,7 @@ def _inverted(x: ObjectiveInputs) -> _Pairs:
     image; inverting with the policy makes the target follow the policy, which lets the loss fall by
     moving the reference's error instead."""
     x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
-    t2, cond2 = torch.cat([x.t, x.t]), _double(x.batch["cond"])
+    t2, cond2 = torch.cat([x.t, x.t]), _double(x.batch)
     inverter = x.reference if x.cfg.inversion_model == "reference" else x.policy
     with torch.no_grad():
         inv = ddim_invert(lambda z, s: x.schedule.eps_from_output(inverter(z, s, cond2), z, s), x0, t2,
@@ -216,7 +218,8 @@ def mapo(x: ObjectiveInputs) -> ObjectiveOutput:
 def sft(x: ObjectiveInputs) -> ObjectiveOutput:
     """Supervised fine-tuning on the preferred image of each pair (the baseline); the loser is never run."""
     winner = preferred(x.batch)
-    err = losses.per_sample_mse(x.policy(x.schedule.add_noise(winner, x.noise, x.t), x.t, x.batch["cond"]),
+    x_t = x.schedule.add_noise(winner, x.noise, x.t)
+    err = losses.per_sample_mse(x.policy(x_t, x.t, preferred_cond(x.batch)),
                                 x.schedule.target(winner, x.noise, x.t))
     return ObjectiveOutput(losses.sft_loss(err), {"model_err": float(err.detach().mean())})
 
@@ -224,7 +227,7 @@ def sft(x: ObjectiveInputs) -> ObjectiveOutput:
 # ----------------------------------------------------------------------------- ratings
 def kto(x: ObjectiveInputs) -> ObjectiveOutput:
     """Diffusion-KTO (Li et al. 2024) on single images liked (1) or disliked (0)."""
-    x0, cond = x.batch["latents"], x.batch["cond"]
+    x0, cond = x.batch["latents"], image_cond(x.batch)
     x_t, target = x.schedule.add_noise(x0, x.noise, x.t), x.schedule.target(x0, x.noise, x.t)
     model_err = losses.per_sample_mse(x.policy(x_t, x.t, cond), target)
     with torch.no_grad():

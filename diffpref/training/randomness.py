@@ -59,3 +59,10 @@ def per_sample_timesteps(generators: list[torch.Generator], num_train_timesteps:
 
 def per_sample_uniform(generators: list[torch.Generator]) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
+def flip_choices(micro_step: int, positions: range | list[int], images: int, seed: int) -> torch.Tensor:
+    """[len(positions), images] bool: which images of each sample are mirrored (probability 1/2 each,
+    independently, as the official Diffusion-DPO code's RandomHorizontalFlip on each image)."""
+    return torch.tensor([[mix(seed, micro_step, p, k, 0xF11B) & 1 == 1 for k in range(images)] for p in positions],
+                        dtype=torch.bool).reshape(len(positions), images)

@@ -309,7 +309,13 @@ def draw_micro_batch(parts: StepParts, micro_step: int) -> MicroBatch:
     gens = randomness.sample_generators(micro_step, range(local.start, local.stop), cfg.seed)
     t = randomness.per_sample_timesteps(gens, parts.timestep_high, cfg.timestep_min)
     drop = randomness.per_sample_uniform(gens) < cfg.prompt_dropout
-    items = [cache[int(i)] for i in indices]
+    if getattr(cache, "random_flip", False):
+        # Each image mirrored or not as a function of (seed, step, position): both orientations are cached.
+        flips = randomness.flip_choices(micro_step, range(local.start, local.stop),
+                                        len(cache.layout.latent_columns), cfg.seed)
+        items = [cache.get(int(i), flips[k]) for k, i in enumerate(indices)]
+    else:
+        items = [cache[int(i)] for i in indices]
     noise = randomness.per_sample_noise(gens, tuple(items[0].get("latents_0", items[0].get("latents")).shape))
     batch = to_device(collate(items, cache.empty_prompt_cond, drop), accelerator.device, torch.float32)
     return MicroBatch(batch, noise.to(accelerator.device), t.to(accelerator.device), indices, gens, micro_step)

@@ -131,13 +131,13 @@ def build_cache(cfg: TrainConfig, pipe, accelerator):
     from diffpref.training.cache import build_preference_cache, build_rating_cache
 
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir).parent / ".cache" / "diffpref"
-    kwargs = dict(resolution=cfg.resolution, tie_policy=cfg.tie_policy, progress=accelerator.is_local_main_process)
-    # Encode on the main process first; the others then find the finished cache under the same key.
-    with accelerator.main_process_first():
-        if get_objective(cfg.method).data == "ratings":
-            from_pairs = not str(cfg.data_path).endswith(".jsonl") or _jsonl_holds_pairs(cfg.data_path)
-            return build_rating_cache(pipe, cfg.data_path, cache_root, from_pairs=from_pairs, **kwargs)
-        return build_preference_cache(pipe, cfg.data_path, cache_root, **kwargs)
+    kwargs = dict(resolution=cfg.resolution, tie_policy=cfg.tie_policy, progress=accelerator.is_local_main_process,
+                  batch_size=cfg.cache_batch_size, random_flip=cfg.random_flip)
+    # Every process encodes its own share of the data (diffpref.training.cache.builder).
+    if get_objective(cfg.method).data == "ratings":
+        from_pairs = not str(cfg.data_path).endswith(".jsonl") or _jsonl_holds_pairs(cfg.data_path)
+        return build_rating_cache(pipe, cfg.data_path, cache_root, from_pairs=from_pairs, **kwargs)
+    return build_preference_cache(pipe, cfg.data_path, cache_root, **kwargs)
 
 
 def _jsonl_holds_pairs(path) -> bool:
@@ -149,12 +149,15 @@ def _jsonl_holds_pairs(path) -> bool:
 
 
 def _accelerator(cfg: TrainConfig):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(cfg.output_dir)
     return Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout))],
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
