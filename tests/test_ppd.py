@@ -327,12 +327,15 @@ def test_ppd_init_adapter_starts_from_its_weights_and_policy_pairs_are_never_con
     assert mask.sum() == 3 * len(every)  # every user has 3 other base-image pairs
     assert not any(torch.equal(drawn, p) for drawn in features[mask] for p in policy_features)
 
-    # A user whose only base-image pair is the trained one has no context to draw.
+    # A user whose only base-image pair is the trained one has no context to draw: that row is counted as a
+    # dropped user and gets a zero placeholder (the conditioner trains it without a user), no error mid-run.
     lonely = ContextBank(bank.text[:2], bank.image_0[:2], bank.image_1[:2], bank.label[:2],
                          torch.zeros(2, dtype=torch.long), torch.tensor([True, False]))
-    with pytest.raises(ValueError, match="no context pair besides this one"):
-        lonely.sample_context(torch.tensor([0]), [torch.Generator()], 1, 1)
-    assert lonely.sample_context(torch.tensor([1]), [torch.Generator()], 1, 1)[1].sum() == 1
+    assert lonely.has_context(torch.tensor([0, 1])).tolist() == [False, True] and lonely.dropped_users == 1
+    features, mask = lonely.sample_context(torch.tensor([0]), [torch.Generator()], 1, 1)
+    assert mask.sum() == 1 and features.abs().sum() == 0
+    assert torch.equal(lonely.sample_context(torch.tensor([1]), [torch.Generator()], 1, 1)[0][0, 0],
+                       lonely.features(torch.tensor([0]))[0])
 
     with pytest.raises(ValueError, match="ppd_init_adapter .* makes 2 user tokens, this config 3"):
         train(_ppd_cfg(tmp_path / "bad", tiny_sd15_dir, data, clip_dir, ppd_init_adapter=str(trained_adapter[0]),

@@ -6,10 +6,16 @@ each training pair, the user's context is k of that user's *other* pairs (never 
 trained on), with k drawn anew per sample so the head learns to read any number of shots. Pairs
 that hold a personalized image (on-policy pairs, ``diffpref world policy-pairs``) are trained on
 but never used as context: a user's context is what evaluation and the app read, base-image pairs.
+
+A user with fewer than 2 base-image pairs has no context for any of their pairs (the pair being
+trained on is never its own context). Raw Pick-a-Pic has many such users. They are dropped from
+personalization, counted and said once (``ContextBank.skip_message``): their pairs still train, as
+samples without a user (like user dropout), and ``has_context`` tells the conditioner which rows those are.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from diffpref.personalize.backbones import example_features_from_embeddings
 
 # Model names of personalized images start with this (``diffpref world policy-pairs`` writes them).
 POLICY_MODEL_PREFIX = "ppd-policy"
+
+logger = logging.getLogger(__name__)
 
 
 def is_policy_model(name: object) -> bool:
@@ -45,6 +53,28 @@ class ContextBank:
         self.context_of_user: dict[int, torch.Tensor] = {}
         for user in self.user_index.unique().tolist():
             self.context_of_user[user] = ((self.user_index == user) & self.context_ok).nonzero().flatten()
+        # A row has context when its user has a context pair other than the row itself.
+        count = torch.zeros(int(self.user_index.max()) + 1 if len(self.user_index) else 0, dtype=torch.long)
+        count.index_add_(0, self.user_index, self.context_ok.long())
+        others = count[self.user_index] - self.context_ok.long()
+        self._has_context = others > 0
+        lone = ~self._has_context
+        self.dropped_users = int(self.user_index[lone].unique().numel())
+        self.dropped_pairs = int(lone.sum())
+
+    @property
+    def skip_message(self) -> str | None:
+        """One line counting the users PPD cannot personalize (None when there are none)."""
+        if not self.dropped_users:
+            return None
+        total = int(self.user_index.unique().numel())
+        return (f"PPD: dropped {self.dropped_users} of {total} users with fewer than 2 base-image pairs "
+                f"({self.dropped_pairs} of {len(self.label)} pairs): they have no few-shot context, so their "
+                "pairs train without a user (as user dropout) and never serve as context")
+
+    def has_context(self, rows: torch.Tensor) -> torch.Tensor:
+        """[B] bool: whether each row's user has another base-image pair to serve as its context."""
+        return self._has_context[rows.cpu()]
 
     @property
     def context_rows(self) -> torch.Tensor:
@@ -63,16 +93,20 @@ class ContextBank:
 
     def sample_context(self, rows: torch.Tensor, generators: list[torch.Generator], k_min: int,
                        k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, k_max, F], mask [B, k_max]) of k other pairs of each row's user."""
+        """(features [B, k_max, F], mask [B, k_max]) of k other pairs of each row's user.
+
+        A row without context (``has_context`` False: its user was dropped) gets one zero placeholder
+        example, so the encoder runs on the whole batch; the conditioner then removes that sample's user
+        tokens. The context never contains the pair being trained on, nor an on-policy pair.
+        """
         batch = torch.zeros(len(rows), k_max, self.feature_dim)
         mask = torch.zeros(len(rows), k_max, dtype=torch.bool)
         for b, (row, gen) in enumerate(zip(rows.tolist(), generators)):
             others = self.context_of_user[int(self.user_index[row])]
             others = others[others != row]
             if len(others) == 0:
-                raise ValueError(f"user {int(self.user_index[row])} has no context pair besides this one: PPD needs >= 2 "
-                                 "base-image pairs per user (the context never contains the pair being trained on, "
-                                 "nor an on-policy pair)")
+                mask[b, 0] = True  # placeholder: zero features, user tokens removed by the conditioner
+                continue
             k = int(torch.randint(k_min, k_max + 1, (1,), generator=gen))
             k = min(k, len(others))
             chosen = others[torch.randperm(len(others), generator=gen)[:k]]
@@ -130,3 +164,10 @@ def build_context_bank(cache, backbone, data_path, tie_policy: str, backbone_nam
             raise RuntimeError("context bank and latent cache disagree on row order; delete the cache and rerun")
     bank.save(path)
     return bank
+
+
+def report_skips(bank: ContextBank, echo=None) -> None:
+    """Say once how many users PPD dropped for lack of context (``echo``: e.g. ``accelerator.print``)."""
+    message = bank.skip_message
+    if message:
+        (echo or logger.warning)(message)

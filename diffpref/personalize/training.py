@@ -16,7 +16,7 @@ import torch
 
 from diffpref.personalize.adapter import save_ppd_adapter
 from diffpref.personalize.attention import concat_user_tokens, install_user_attention
-from diffpref.personalize.context import ContextBank, build_context_bank
+from diffpref.personalize.context import ContextBank, build_context_bank, report_skips
 from diffpref.personalize.encoder import (
     EvidenceUserEncoder,
     UserEncoder,
@@ -100,6 +100,7 @@ class PPDConditioner:
             bank = build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone,
                                       progress=accelerator.is_local_main_process)
         del backbone  # frozen and fully cached: training never runs it
+        report_skips(bank, accelerator.print)  # users with < 2 base-image pairs: counted, trained without a user
         install_user_attention(unet, cfg.ppd_num_tokens, blocks=parse_blocks(cfg.ppd_blocks),
                                value_init_scale=cfg.ppd_value_init_scale)
         encoder = build_encoder(cfg, bank.feature_dim, bank.text.shape[1], int(unet.config.cross_attention_dim))
@@ -138,6 +139,7 @@ class PPDConditioner:
         device = prompt_embeds.device
         tokens = self.encoder(features.to(device), mask.to(device))
         keep = randomness.per_sample_uniform(generators) >= self.cfg.ppd_user_dropout
+        keep &= self.bank.has_context(indices)  # a dropped user (< 2 base-image pairs) trains without a user
         tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)  # zero tokens = no user
         return concat_user_tokens(prompt_embeds, tokens.to(prompt_embeds.dtype), self.num_tokens)
 
