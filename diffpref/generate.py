@@ -3,6 +3,9 @@
 Each image gets its own ``torch.Generator`` seeded from its job, so an image depends only on
 (prompt, seed, settings), never on the batch it happened to share: a rerun, a different batch size
 or another process reproduces it exactly.
+
+Pipelines come from ``diffpref.models.loading.load_pipeline``, which never loads the SD1.5 safety
+checker (it would black out flagged images, which would then be saved and scored as such).
 """
 
 from __future__ import annotations

@@ -45,11 +45,18 @@ def test_load_pipeline_from_local_folder(tiny_sd15_dir):
     assert pipe.unet.dtype == torch.float32
 
 
-def test_resolve_model_errors(tmp_path):
+def test_resolve_model_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         resolve_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
+    # Tests run with HF_HUB_OFFLINE=1 (conftest): a hub id that is not in the local cache fails at once ...
+    with pytest.raises(FileNotFoundError, match="not a hub model in the local Hugging Face cache.*HF_HUB_OFFLINE"):
+        resolve_model("stabilityai/stable-diffusion-xl-base-1.0")
+    # ... and one in the cache is passed on to diffusers as is.
+    import diffpref.models.loading as loading
+
+    monkeypatch.setattr(loading, "_cached_index", lambda model: "/cache/model_index.json")
     assert resolve_model("stabilityai/stable-diffusion-xl-base-1.0") == "stabilityai/stable-diffusion-xl-base-1.0"
 
 

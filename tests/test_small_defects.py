@@ -1,10 +1,17 @@
 """The small defects of issue 18, section 8, each with its test.
 
 - PPD drops users with fewer than 2 base-image pairs with a counted skip instead of raising mid-run.
+- ``load_pipeline`` (generation, evaluation, the app) never loads the SD1.5 safety checker, and says so.
+- A ``--model`` that is neither a local folder nor reachable fails in one line naming what was looked for.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -65,3 +72,68 @@ def test_conditioner_trains_dropped_users_without_a_user():
     out = conditioner.condition(prompt, torch.arange(6), [torch.Generator().manual_seed(i) for i in range(6)])
     user = out[:, -2:]
     assert user[[0, 1, 2, 5]].abs().sum(dim=(1, 2)).gt(0).all() and user[3:5].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- safety checker off
+def test_load_pipeline_drops_the_safety_checker(tmp_path, caplog):
+    """A tiny SD1.5-style folder that ships a safety checker (as SD1.5 does): plain diffusers loads it,
+    load_pipeline does not, and warns once that it is off."""
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from diffpref.models.builders import tiny_sd15_pipeline
+    from diffpref.models.loading import load_pipeline
+
+    tiny = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config=dict(vocab_size=64, max_position_embeddings=16, **tiny),
+        vision_config=dict(image_size=32, patch_size=16, **tiny), projection_dim=8))
+    pipe = tiny_sd15_pipeline()
+    pipe.register_modules(safety_checker=checker,
+                          feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                               crop_size={"height": 32, "width": 32}))
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(tmp_path)
+    assert DiffusionPipeline.from_pretrained(tmp_path).safety_checker is not None  # the fixture has a real one
+
+    with caplog.at_level("WARNING", logger="diffpref.models.loading"):
+        loaded = load_pipeline(tmp_path, device="cpu")
+    assert loaded.safety_checker is None and not loaded.config.requires_safety_checker
+    assert "safety checker" in caplog.text and "is off" in caplog.text
+    image = loaded("a prompt", num_inference_steps=1, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_embedded_model_loads_without_a_warning(caplog):
+    from diffpref.models.loading import load_pipeline
+
+    with caplog.at_level("WARNING", logger="diffpref.models.loading"):
+        pipe = load_pipeline("embedded", device="cpu")
+    assert getattr(pipe, "safety_checker", None) is None and "safety checker" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- --model typo
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_model_typo_fails_in_one_line(tmp_path, offline):
+    """`diffpref generate --model embeded` (a typo): one line naming what was looked for, no traceback,
+    no hub retries. Offline (HF_HUB_OFFLINE=1) the hub is not asked; online a single request is made
+    (here it fails at once: the test machine has no network, and the answer names the failure)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": offline, "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf")}  # an empty cache: nothing named 'embeded' can be found there
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "diffpref.cli", "generate", "--model", "embeded", "--prompts",
+                          str(prompts), "--out", str(tmp_path / "out"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert "Traceback" not in run.stderr and len(lines) == 1, run.stderr
+    assert "'embeded'" in lines[0] and "did you mean 'embedded'" in lines[0]
+    assert str(Path(tmp_path / "embeded")) in lines[0]  # the local folder it looked for
+    if offline == "1":
+        assert "HF_HUB_OFFLINE" in lines[0]
+    # No retry loop: what is left is Python's imports (diffusers) on a busy 2-core machine.
+    assert elapsed < 120, f"took {elapsed:.0f} s"

@@ -1,15 +1,23 @@
 """One loader for every model diffpref runs: the embedded default, a local folder, or a hub id.
 
 ``load_pipeline("embedded")`` never touches the network. A local folder is read offline too. A
-hub id (``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``) is passed
-to diffusers as is, so it downloads where the user has network and fails with diffusers' own
-message where they do not.
+hub id (``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``) is used
+from the local Hugging Face cache when it is there, and otherwise checked with one request before
+diffusers downloads it. A name that is none of these (a typo such as ``embeded``) fails at once in
+one line naming what was looked for: no download retries, and none at all with ``HF_HUB_OFFLINE=1``.
+
+The SD1.5 safety checker is always off (``safety_checker=None``; a warning says so when the model
+has one): it blacks out the images it flags, and diffpref would then train on, score and report
+black squares. Generation, evaluation and the app all load through here. Check images yourself
+before you publish them.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +26,9 @@ import torch
 from diffpref.paths import EMBEDDED_NAMES, embedded_model_path, require
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+HUB_TIMEOUT_S = 10  # one request to ask the hub whether a model exists; no retries
+
+logger = logging.getLogger(__name__)
 
 
 def default_device() -> str:
@@ -38,7 +49,63 @@ def resolve_model(model: str | os.PathLike | None) -> str:
         return str(path)
     if str(model).startswith((".", "/", "~")) or os.sep in str(model).strip("/").split("/", 2)[-1]:
         raise FileNotFoundError(f"model folder {model} does not exist")
-    return str(model)
+    return _resolve_hub_id(str(model))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1", "ON", "YES", "TRUE")
+
+
+def _cached_index(model: str) -> str | None:
+    """The cached model_index.json of hub id ``model``, or None (not cached, or not a valid hub id)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model, "model_index.json")
+    except Exception:  # HFValidationError: not a valid repo id, so it cannot be cached either
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _resolve_hub_id(model: str) -> str:
+    """``model`` when it names a hub pipeline that is cached or that the hub has; otherwise a one-line
+    FileNotFoundError saying what was looked for (the CLI prints it without a traceback)."""
+    if _cached_index(model):
+        return model
+    close = difflib.get_close_matches(model, EMBEDDED_NAMES, n=1, cutoff=0.75)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    looked = (f"model '{model}' is not 'embedded', not a local folder ({Path(model).expanduser().absolute()} does "
+              f"not exist) and not a hub model in the local Hugging Face cache")
+    if _hub_offline():
+        raise FileNotFoundError(f"{looked}; the hub was not asked (HF_HUB_OFFLINE is set){hint}")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        model_info(model, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return model  # it exists; diffusers says how to get access
+    except (RepositoryNotFoundError, HFValidationError):
+        raise FileNotFoundError(f"{looked}, nor a model on the hub{hint}") from None
+    except Exception as error:  # no network, DNS, proxy, timeout: one try, no retries
+        raise FileNotFoundError(f"{looked}, and the hub could not be reached ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0] if str(error) else 'no detail'}){hint}") from None
+    return model
+
+
+def _model_index(source: str) -> dict:
+    """model_index.json of a local folder or hub id (the hub file is what diffusers fetches first anyway)."""
+    index = Path(source) / "model_index.json"
+    if not index.exists():
+        index = _cached_index(source)
+        if index is None:
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(source, "model_index.json")
+    return json.loads(Path(index).read_text())
 
 
 def pipeline_class_name(model: str) -> str | None:
@@ -93,18 +160,28 @@ def check_attention(attention: str) -> str:
 
 def load_pipeline(model: str | os.PathLike | None = "embedded", device: str | None = None,
                   dtype: torch.dtype | None = None, attention: str = "sdpa"):
-    """A diffusers text-to-image pipeline (SD1.5- or SDXL-style, picked from model_index.json) ready to run."""
+    """A diffusers text-to-image pipeline (SD1.5- or SDXL-style, picked from model_index.json) ready to run.
+
+    The safety checker is never loaded (SD1.5 ships one): it would black out the images it flags, and
+    those black images would be scored, trained on and reported. A warning says so when the model has one.
+    """
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     source = resolve_model(model)
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     kwargs = {"dtype": dtype}
-    if pipeline_class_name(source) in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
-        # Local SD folders: drop the safety checker (the world model has none; real ones are the user's choice).
+    index = _model_index(source)
+    if index.get("safety_checker", [None, None])[0] is not None:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+        logger.warning("diffpref: the safety checker of %s is off (diffpref scores raw images; a checker would "
+                       "black out the ones it flags). Check images yourself before publishing them.", model)
+    if index.get("_class_name") in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     else:
         pipe = AutoPipelineForText2Image.from_pretrained(source, **kwargs)
+    if getattr(pipe, "safety_checker", None) is not None:  # e.g. a pipeline class that loads one regardless
+        pipe.safety_checker = None
     pipe = pipe.to(device)
     if check_attention(attention) == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
