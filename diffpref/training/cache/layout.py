@@ -165,6 +165,9 @@ def _weights_digest(module: torch.nn.Module) -> str:
 def _config_digest(config: Any) -> str:
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     values.pop("_name_or_path", None)  # where a model was loaded from is not what it is
+    # Which keys took their default: a list made from a set, in an order that changes from one process
+    # to the next (string hashing), which would give every process its own key; the values are all here.
+    values.pop("_use_default_values", None)
     return _sha256([json.dumps(values, sort_keys=True, default=str).encode()])
 
 
