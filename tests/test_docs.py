@@ -139,3 +139,11 @@ def test_readme_opens_with_the_lines_ci_runs():
     assert ci["install"] == ["python", "-m", *shlex.split(install)]
     assert ci["tests"] == [w for w in shlex.split(tests) if w != "-q"] and tests.startswith("python -m pytest")
     assert main_job.startswith("diffpref ")
+
+
+def test_data_doc_lists_every_skip_reason():
+    from diffpref.data.errors import SKIP_REASONS
+
+    rows = [line.split("|")[1].strip(" `") for line in (ROOT / "docs" / "data.md").read_text().splitlines()
+            if line.startswith("| `")]
+    assert rows == list(SKIP_REASONS), "docs/data.md's skip table must name the readers' reasons, in order"
