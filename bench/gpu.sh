@@ -1,54 +1,133 @@
 #!/usr/bin/env bash
-# GPU benchmarks, SD1.5 architecture (random init, 512 px, bf16), batch 8 pairs, one JSON line each on stdout:
-#   1. UNet forward+backward model FLOP utilisation, sdpa and xformers
-#   2. personalized vs base generation (embedded model + adapter)
-#   3. Diffusion-DPO training step, LoRA (rank 8) and full fine-tuning, against the reference-style loop
-#   4. PPD training step (user encoder head + user projections), sdpa and xformers attention
-#   5. SDXL architecture (1024 px), LoRA DPO, batch 2 pairs
-# A step that fails prints {"failed": ..., "rc": ...} and the next one runs.
-#   bash bench/gpu.sh > gpu.jsonl            # from the repository root
-# Self-contained: wheels in .whl/ (diffusers, open_clip, xformers, ... if the machine lacks them) are installed
-# offline into /tmp/site; nothing is downloaded.
+# GPU benchmarks in one go: one JSON object on stdout, within a total time budget (default 480 s).
+#   bash bench/gpu.sh > gpu.json              # on a GPU machine, from anywhere
+#   bash bench/gpu.sh --dry-run               # the same steps on a CPU at the embedded model's size (tests)
+#
+# Measured (random-init weights of the real architectures: bench/train_step.py writes out their configs):
+#   mfu_sd15        SD1.5 UNet forward+backward, bf16, batch 8 pairs (16 images), 512 px, gradient
+#                   checkpointing: model FLOPs (counted without the recompute) / time / the card's bf16 peak;
+#                   sdpa, and xformers where its kernels really run
+#   sd15_dpo_lora   Diffusion-DPO LoRA (rank 8) step, bf16, batch 8 pairs, 512 px, gradient checkpointing:
+#                   the trainer's prepare_training + training_step (models through accelerate.prepare) vs the
+#                   reference-style loop (pairs/s, speed-up, peak GPU memory of each, in its own process)
+#   ppd             PPD step (user encoder head + user projections), batch 8 pairs, 512 px, sdpa and xformers
+#   sdxl_dpo_lora   SDXL LoRA DPO step at 1024 px, batch 2 pairs, gradient checkpointing
+#   cache_build     preference-cache build rate (bench/cache_build.py, when present)
+# What a GPU alone can run (FSDP / DeepSpeed, configs/accelerate/) is not measured here: docs/distributed.md.
+#
+# Offline and self-contained: the machine needs python3 + torch (CUDA); everything else (diffusers,
+# transformers, accelerate, peft, open_clip, xformers, ...) comes from wheels in .whl/ that travel with the
+# tree, installed with --no-index into /tmp/site; the project itself is used from the tree (PYTHONPATH).
+# A step that fails or runs out of its time gives {"failed": ..., "rc": ...} in its place, and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+DRY_RUN=0
+BUDGET=${GPU_SH_BUDGET_S:-480}
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        *) echo "usage: bash bench/gpu.sh [--dry-run]" >&2; exit 2 ;;
+    esac
+done
+START=$(date +%s)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
+        >&2 || { echo '{"failed": "pip install .whl/*.whl"}'; exit 1; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
-python3 - <<'EOF' || exit 1
-import json, torch
-assert torch.cuda.is_available(), "bench/gpu.sh needs a CUDA GPU"
+if [ $DRY_RUN = 1 ]; then
+    # the embedded model on the CPU: every step's code path and the JSON assembly, in seconds
+    DEV=(--device cpu)
+    SD15=(--config embedded --batch-pairs 1)
+    SDXL=(--config embedded --batch-pairs 1)
+    ATTENTION="sdpa"
+    LIMIT_MFU=120 LIMIT_DPO=180 LIMIT_PPD=180 LIMIT_SDXL=180 LIMIT_CACHE=120
+else
+    DEV=()
+    SD15=(--config sd15 --batch-pairs 8)
+    SDXL=(--config sdxl --batch-pairs 2)
+    ATTENTION="sdpa"  # and xformers where its kernels really run (an import can succeed with no kernels)
+    python3 -c "from diffpref.models.loading import xformers_available as ok; raise SystemExit(not ok())" 2> /dev/null \
+        && ATTENTION="sdpa xformers"
+    LIMIT_MFU=60 LIMIT_DPO=110 LIMIT_PPD=110 LIMIT_SDXL=120 LIMIT_CACHE=45
+fi
+
+python3 - "$DRY_RUN" > "$WORK/env.jsonl" 2> "$WORK/env.err" <<'EOF'
+import json, sys
+import torch
+dry = sys.argv[1] == "1"
+if not dry and not torch.cuda.is_available():
+    raise SystemExit("bench/gpu.sh needs a CUDA GPU (or --dry-run)")
 try:
     import xformers
     xformers_version = xformers.__version__
 except ImportError:
     xformers_version = None
-import diffusers
+import accelerate, diffusers, peft, transformers
 from diffpref.models.loading import xformers_problem
-print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                  "diffusers": diffusers.__version__, "xformers": xformers_version,
-                  "xformers_problem": xformers_problem()}))
+print(json.dumps({"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "dry_run": dry,
+                  "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                  "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+                  "peft": peft.__version__, "xformers": xformers_version,
+                  "xformers_problem": None if dry else xformers_problem()}))
 EOF
+[ $? -eq 0 ] || { python3 -c 'import json,sys; print(json.dumps({"failed": "environment", "error": sys.argv[1]}))' \
+    "$(tail -3 "$WORK/env.err")"; exit 1; }
 
-attention="sdpa"  # and xformers where its kernels really run (an import can succeed with no kernels)
-python3 -c "from diffpref.models.loading import xformers_available as ok; raise SystemExit(not ok())" 2> /dev/null \
-    && attention="sdpa xformers"
-
-step() {  # step SECONDS COMMAND...: a hung or slow step cannot starve the ones after it
-    local limit=$1
-    shift
-    timeout "$limit" "$@"
+step() {  # step NAME SECONDS COMMAND...: its JSON lines go to $WORK/NAME.jsonl; never past the budget
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - ($(date +%s) - START) - 5))
+    [ $left -lt $limit ] && limit=$left
+    if [ $limit -le 0 ]; then
+        echo "{\"failed\": \"no time left in the ${BUDGET} s budget\", \"rc\": null}" > "$WORK/$name.jsonl"
+        return
+    fi
+    timeout "$limit" "$@" > "$WORK/$name.jsonl" 2> "$WORK/$name.err"
     local rc=$?
-    [ $rc -eq 0 ] || echo "{\"failed\": \"$*\", \"rc\": $rc}"
+    if [ $rc -ne 0 ]; then
+        python3 -c 'import json,sys; print(json.dumps({"failed": sys.argv[1], "rc": int(sys.argv[2]), "limit_s": int(sys.argv[3]), "stderr": sys.argv[4]}))' \
+            "$*" "$rc" "$limit" "$(tail -c 1500 "$WORK/$name.err")" >> "$WORK/$name.jsonl"
+    fi
 }
 
-step 120 python3 bench/train_step.py --json --flops --config sd15 --batch-pairs 8 --attention $attention
-step 120 python3 bench/generate.py --json --device cuda --batch-size 16 --steps 20
-step 300 python3 bench/train_step.py --json --config sd15 --method dpo --lora-rank 8 0 --batch-pairs 8
-step 300 python3 bench/train_step.py --json --config sd15 --method ppd --batch-pairs 8 --attention $attention
-step 300 python3 bench/train_step.py --json --config sdxl --method dpo --lora-rank 8 --batch-pairs 2
+TS=(python3 bench/train_step.py --json --gradient-checkpointing "${DEV[@]}")
+step mfu_sd15 $LIMIT_MFU "${TS[@]}" --flops "${SD15[@]}" --attention $ATTENTION
+step sd15_dpo_lora $LIMIT_DPO "${TS[@]}" "${SD15[@]}" --method dpo --lora-rank 8
+step ppd $LIMIT_PPD "${TS[@]}" "${SD15[@]}" --method ppd --attention $ATTENTION
+step sdxl_dpo_lora $LIMIT_SDXL "${TS[@]}" "${SDXL[@]}" --method dpo --lora-rank 8
+if [ -f bench/cache_build.py ]; then
+    CB=(python3 bench/cache_build.py --json)
+    [ $DRY_RUN = 1 ] && CB+=(--dry-run)
+    step cache_build $LIMIT_CACHE "${CB[@]}"
+else
+    echo '{"skipped": "bench/cache_build.py is not in this tree"}' > "$WORK/cache_build.jsonl"
+fi
+
+python3 - "$WORK" "$START" "$BUDGET" <<'EOF'
+import json, sys, time
+from pathlib import Path
+work, start, budget = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def lines(name):
+    out = []
+    for line in (work / f"{name}.jsonl").read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a library's stray print on stdout
+    return out
+report = {"env": lines("env")[0]}
+for name in ("mfu_sd15", "sd15_dpo_lora", "ppd", "sdxl_dpo_lora", "cache_build"):
+    rows = lines(name)
+    report[name] = rows[0] if len(rows) == 1 else rows
+report["wall_s"] = int(time.time()) - start
+report["budget_s"] = budget
+print(json.dumps(report))
+EOF

@@ -386,7 +386,8 @@ def train_config(args, data_path: str, ppd: dict | None = None):
 
     common = dict(data_path=data_path, train_batch_size=args.batch_pairs, learning_rate=LEARNING_RATE,
                   max_grad_norm=MAX_GRAD_NORM, prompt_dropout=PROMPT_DROPOUT, inversion_steps=INVERSION_STEPS,
-                  inversion_model=INVERSION_MODEL, attention=args.attention, report_to="none", seed=0)
+                  inversion_model=INVERSION_MODEL, attention=args.attention, report_to="none", seed=0,
+                  gradient_checkpointing=args.gradient_checkpointing)
     if args.method == "ppd":  # DPO plus user conditioning, no LoRA (as configs/*_ppd.yaml)
         return TrainConfig(method="dpo", conditioning="ppd", lora_rank=0, ppd_backbone=ppd["backbone"],
                            ppd_hidden=PPD_HIDDEN[args.config], **common)
@@ -607,10 +608,14 @@ def make_variant(kind: str, args, parts: dict | None, base_unet, cache, data, de
         encoder = SetUserEncoder(feature_dim=backbone.feature_dim, num_tokens=cfg.ppd_num_tokens,
                                  token_dim=int(base_unet.config.cross_attention_dim), hidden=cfg.ppd_hidden,
                                  layers=cfg.ppd_layers, heads=cfg.ppd_heads)
-        return ReferenceStylePPDStep(base_unet, reference_unet, parts, data, args.batch_pairs, resolution_of(args),
-                                     device, backbone, encoder, cfg.ppd_num_tokens, cfg)
-    return ReferenceStyleStep(base_unet, reference_unet, parts, data, args.method, args.lora_rank, args.batch_pairs,
-                              resolution_of(args), device)
+        variant = ReferenceStylePPDStep(base_unet, reference_unet, parts, data, args.batch_pairs, resolution_of(args),
+                                        device, backbone, encoder, cfg.ppd_num_tokens, cfg)
+    else:
+        variant = ReferenceStyleStep(base_unet, reference_unet, parts, data, args.method, args.lora_rank,
+                                     args.batch_pairs, resolution_of(args), device)
+    if args.gradient_checkpointing:  # as the trainer's gradient_checkpointing key does for "ours"
+        variant.policy_unet.enable_gradient_checkpointing()
+    return variant
 
 
 @torch.no_grad()
@@ -899,7 +904,7 @@ def _result(args, timings: dict, memory: dict, check: dict, encode_s_per_pair: f
         "setup_mem_mb": round(memory["ours"]["setup_mem_mb"], 1),
         "ref_setup_mem_mb": round(memory["reference"]["setup_mem_mb"], 1),
         "cache_encode_s_per_pair": round(encode_s_per_pair, 4), "mem_method": memory["ours"]["mem_method"],
-        "dtype": str(dtype).removeprefix("torch."), **check,
+        "dtype": str(dtype).removeprefix("torch."), "gradient_checkpointing": args.gradient_checkpointing, **check,
         **({"ppd_backbone": PPD_BACKBONE.get(args.config, "embedded world CLIP"), "ppd_pairs": n_pairs,
             "ppd_users": USERS} if args.method == "ppd" else {}),
     }
@@ -946,9 +951,11 @@ def run_flops(args) -> dict:
         out.float().pow(2).mean().backward()
         unet.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # model FLOPs: counted without checkpointing's recompute
         fwd_bwd()
     flops = counter.get_total_flops()
+    if args.gradient_checkpointing:  # timed with it: its recompute costs time, which MFU must show
+        unet.enable_gradient_checkpointing()
     times = []
     for i in range(args.warmup + args.repeats):
         sync(device)
@@ -963,6 +970,7 @@ def run_flops(args) -> dict:
     achieved = flops / seconds
     return {"config": args.config, "batch_pairs": args.batch_pairs, "images_per_step": n, "attention": args.attention,
             "device_name": name, "dtype": str(dtype).removeprefix("torch."),
+            "gradient_checkpointing": args.gradient_checkpointing,
             "flops_per_step": flops, "step_s": round(seconds, 5), "tflops": round(achieved / 1e12, 3),
             "peak_tflops": round(peak / 1e12, 1) if peak else None,
             "mfu": round(achieved / peak, 4) if peak else None}
@@ -989,6 +997,9 @@ def parse_args(argv=None):
     parser.add_argument("--sequential", action="store_true",
                         help="time each variant in its own process (when both do not fit on the card together)")
     parser.add_argument("--flops", action="store_true", help="UNet forward+backward MFU instead of the comparison")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="the trained UNet recomputes activations in backward (both variants; --flops: timed "
+                             "with it, FLOPs counted without the recompute)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's bf16 dense peak")
     parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=("sdpa", "xformers"), dest="attentions",
                         help="attention backend(s) of the UNet in both variants: sdpa (default), xformers (CUDA + "

@@ -218,3 +218,57 @@ def test_attribute_response_bench_reports_base_and_tuned():
     assert [(r["attribute"], r["value"]) for r in rows] == [("size", 0.9), ("size", 0.1)]
     for r in rows:
         assert r["shift"] == pytest.approx(r["tuned"] - r["base"], abs=2e-3) and 0 <= r["base"] <= 1
+
+
+def run_gpu_sh(budget_s: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_SH_BUDGET_S": str(budget_s)}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=budget_s + 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout[-3000:]  # one JSON object, nothing else on stdout
+    return json.loads(lines[0])
+
+
+GPU_SH_STEPS = ("mfu_sd15", "sd15_dpo_lora", "ppd", "sdxl_dpo_lora", "cache_build")
+
+
+def test_gpu_sh_dry_run_assembles_one_json_within_its_budget():
+    # A 1 s budget: the environment report runs, every step is refused for lack of time, and the script
+    # still ends with its one JSON object (a GPU run cut short keeps its shape).
+    result = run_gpu_sh(1)
+    assert result["env"]["dry_run"] is True and result["env"]["torch"] == torch.__version__
+    assert set(GPU_SH_STEPS) <= set(result) and result["budget_s"] == 1
+    for name in GPU_SH_STEPS:
+        assert "failed" in result[name] or "skipped" in result[name], (name, result[name])
+
+
+@pytest.mark.slow  # every step of bench/gpu.sh at the embedded model's size on the CPU: minutes
+def test_gpu_sh_dry_run_runs_every_step():
+    result = run_gpu_sh(900)
+    for name in GPU_SH_STEPS:
+        rows = result[name] if isinstance(result[name], list) else [result[name]]
+        assert rows and all("failed" not in row for row in rows), (name, result[name])
+    assert result["mfu_sd15"]["gradient_checkpointing"] is True and result["mfu_sd15"]["flops_per_step"] > 0
+    dpo = result["sd15_dpo_lora"]
+    assert dpo["method"] == "dpo" and dpo["lora_rank"] == 8 and dpo["gradient_checkpointing"] is True
+    assert dpo["pairs_per_s"] > 0 and dpo["ref_pairs_per_s"] > 0 and dpo["objective_abs_diff"] <= 1e-3
+    assert result["ppd"]["method"] == "ppd" and result["ppd"]["pairs_per_s"] > 0
+
+
+@pytest.mark.slow  # the full-size lane's code path at tiny shapes: five cases, each in its own process
+def test_real_arch_lane_starts_every_objective_at_log2_and_exports_a_stock_loadable_lora():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "real_arch.py"), "--json", "--tiny", "--steps", "2",
+                           "--cases", "sd15:dpo,sd15:inpo,sd15:ppd,sdxl:dpo,sdxl:ppd"], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 5 and all("failed" not in row for row in rows), proc.stdout[-3000:] + proc.stderr[-3000:]
+    for row in rows:
+        # every objective starts at the base model: the step-0 loss is log 2 in fp32, bit for bit
+        assert row["loss_step0_is_log2"], (row["model"], row["method"], row["loss_step0"])
+        assert row["recipe"] == f"configs/{row['model']}_{row['method']}.yaml"
+        assert row["s_per_step"] > 0 and row["peak_rss_gb"] > 0
+        if row["method"] == "ppd":
+            assert row["conditioning"] == "ppd" and row["ppd_adapter_files"]
+        else:
+            assert row["stock_load_same_keys"] and row["stock_load_max_abs_diff"] <= 1e-6
