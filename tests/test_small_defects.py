@@ -3,10 +3,14 @@
 - PPD drops users with fewer than 2 base-image pairs with a counted skip instead of raising mid-run.
 - ``load_pipeline`` (generation, evaluation, the app) never loads the SD1.5 safety checker, and says so.
 - A ``--model`` that is neither a local folder nor reachable fails in one line naming what was looked for.
+- ``report_to: tensorboard`` writes event files (tensorboard is a dependency), and ``eval_prompts: 0``
+  turns world evaluation off instead of crashing. (history.jsonl growing per step: tests/test_trainer.py.)
+- pyproject.toml's floors hold the APIs the code calls (the reasons are listed there).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +141,102 @@ def test_model_typo_fails_in_one_line(tmp_path, offline):
         assert "HF_HUB_OFFLINE" in lines[0]
     # No retry loop: what is left is Python's imports (diffusers) on a busy 2-core machine.
     assert elapsed < 120, f"took {elapsed:.0f} s"
+
+
+# ----------------------------------------------------------------------------- tensorboard, eval_prompts=0
+def _manifest(root: Path) -> Path:
+    """8 pairs of world renders (the red one preferred), a JSONL manifest."""
+    import numpy as np
+
+    from diffpref.world.render import render, sample_attributes
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        render(sample_attributes(rng, color="red")).save(root / f"{i}_a.png")
+        render(sample_attributes(rng, color="blue")).save(root / f"{i}_b.png")
+        lines.append({"prompt": "a shape", "image_0": f"{i}_a.png", "image_1": f"{i}_b.png", "label": 1.0})
+    path = root / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_tensorboard_events_and_eval_prompts_zero(tmp_path, tiny_sd15_dir):
+    """One run: `report_to: tensorboard` leaves event files holding the training loss, and `eval_world`
+    with `eval_prompts: 0` trains with no evaluator (no crash, no evaluation rows)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffpref.launch import build_parts
+    from diffpref.training.config import TrainConfig
+    from diffpref.training.trainer import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    users = data / "users.json"
+    users.write_text((Path(__file__).resolve().parents[1] / "configs" / "users" / "red_large.json").read_text())
+    cfg = TrainConfig(model=str(tiny_sd15_dir), data_path=str(_manifest(data)), output_dir=str(tmp_path / "out"),
+                      max_train_steps=2, train_batch_size=2, lora_rank=4, checkpointing_steps=0, seed=0, threads=1,
+                      cache_dir=str(tmp_path / "cache"), report_to="tensorboard", eval_world=True, eval_prompts=0,
+                      eval_users=str(users))
+    conditioner, evaluator = build_parts(cfg)
+    assert evaluator is None
+    train(cfg, conditioner, evaluator)
+    events = sorted((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+    assert events, "report_to=tensorboard wrote no event file"
+    losses = {}
+    for folder in {e.parent for e in events}:  # the scalars' file, plus one per hparams record
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        if "loss" in acc.Tags()["scalars"]:
+            losses[folder] = [e.step for e in acc.Scalars("loss")]
+    assert list(losses.values()) == [[1, 2]], f"the training loss is not in the event files: {losses}"
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in history] == [1, 2]
+    assert not any(k.startswith("win_rate") for row in history for k in row)
+
+
+# ----------------------------------------------------------------------------- dependency floors
+def _floors() -> dict[str, str]:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    out = {}
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        lows = [spec.version for spec in req.specifier if spec.operator == ">="]
+        if lows:
+            out[req.name] = lows[0]
+    return out
+
+
+def test_installed_versions_meet_the_floors():
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    floors = _floors()
+    for name in ("diffusers", "transformers", "peft", "huggingface-hub", "tensorboard", "accelerate"):
+        assert name in floors, f"pyproject.toml has no floor for {name}"
+        assert Version(version(name)) >= Version(floors[name]), f"{name} {version(name)} < floor {floors[name]}"
+    # The floors named in pyproject.toml's comment, so that a lowered floor is a deliberate edit.
+    assert Version(floors["diffusers"]) >= Version("0.40") and Version(floors["transformers"]) >= Version("4.56")
+    assert Version(floors["peft"]) >= Version("0.17")
+
+
+def test_the_apis_behind_the_floors(tiny_sd15_dir, tmp_path):
+    """What the floors are for, on the installed versions: diffusers and transformers honour `dtype=`
+    (older ones silently load fp32), and save_lora_weights takes unet_lora_adapter_metadata."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffpref.models.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_sd15_dir, device="cpu", dtype=torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert UNet2DConditionModel.from_pretrained(tiny_sd15_dir / "unet", dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert CLIPTextModel.from_pretrained(tiny_sd15_dir / "text_encoder", dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters
