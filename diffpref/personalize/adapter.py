@@ -85,7 +85,8 @@ def load_backbone(config: dict, device: str | torch.device = "cpu"):
     if name in ("embedded", "embedded-clip", None):
         return OpenClipBackbone.from_pretrained(None, device=str(device))
     if config.get("backbone_kind") == "vlm":
-        return VLMBackbone.from_pretrained(name, device=str(device))
+        # the settings it was trained with (image size, token budget, profile length, pooling)
+        return VLMBackbone.from_pretrained(name, device=str(device), **config.get("vlm", {}))
     return OpenClipBackbone.from_pretrained(name, device=str(device))
 
 

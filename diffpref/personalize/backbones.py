@@ -12,12 +12,18 @@ tokens the UNet attends to. Two backbones share one interface (``UserBackbone``)
 - ``VLMBackbone`` (PPD, Dang et al. 2025): a vision-language model reads all examples in one prompt,
   writes a short user profile, and the hidden states of its last generated token form the
   embedding. The VLM summarises the set itself, so it returns a single row ``[1, F]`` however many
-  examples it read; the head sees a "set" of one.
+  examples it read; the head sees a "set" of one. Any local transformers folder that
+  ``AutoModelForImageTextToText`` loads (LLaVA-OneVision, Qwen2-VL, LLaVA, ...). Images are resized
+  to ``image_size`` squares and a set is cut to the examples that fit ``max_tokens``, the same way
+  in training (``vlm_context.py`` precomputes the features of sampled context sets) and inference.
+
+``backbone_kind(name)`` tells the two apart from a ``ppd_backbone`` value.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +162,21 @@ VLM_EXAMPLE = "Caption: {prompt}\nPreferred image: {image}\nDispreferred image: 
 VLM_QUESTION = "Describe this user's visual preferences in one short profile."
 
 
+def backbone_kind(name: str | os.PathLike | tuple | None) -> str:
+    """'open_clip' or 'vlm' for a ``ppd_backbone`` value: 'embedded', an open_clip local-dir folder, a
+    ``(model_name, checkpoint)`` pair, or a local transformers vision-language model folder."""
+    if name is None or isinstance(name, tuple) or str(name) in ("embedded", "embedded-clip"):
+        return "open_clip"
+    folder = Path(str(name).removeprefix("local-dir:"))
+    if (folder / "open_clip_config.json").exists():
+        return "open_clip"
+    if (folder / "config.json").exists():
+        return "vlm"
+    raise FileNotFoundError(f"ppd_backbone {name!r}: not 'embedded', not an open_clip local-dir folder (no "
+                            "open_clip_config.json) and not a transformers model folder (no config.json); nothing is "
+                            "downloaded, so give a local folder")
+
+
 class VLMBackbone:
     """A frozen transformers vision-language model that writes a user profile (PPD).
 
@@ -165,13 +186,23 @@ class VLMBackbone:
     generated token at every decoder layer (the token-embedding layer is left out: it only names
     the token). ``layer_pooling="concat"`` (PPD) gives F = num_layers * hidden_size;
     ``"mean"`` averages over layers, F = hidden_size. ``embed_examples`` returns ``[1, F]``.
+    ``max_new_tokens=0`` writes no profile: the last prompt token's states are the embedding.
+
+    Token budget: every image is first resized to an ``image_size`` square (0: as given), which
+    fixes its number of image tokens for a given processor; ``fit`` keeps the longest prefix of the
+    examples whose prompt plus profile fits ``max_tokens`` (0: the model's context length). With
+    the paper's 384 px images a LLaVA-OneVision prompt holds roughly 4-16 examples in 32k tokens.
     """
 
     summarizes_set = True
 
-    def __init__(self, model, processor, max_new_tokens: int = 32, layer_pooling: str = "concat"):
+    def __init__(self, model, processor, max_new_tokens: int = 32, layer_pooling: str = "concat",
+                 image_size: int = 0, max_tokens: int = 0):
         if layer_pooling not in ("concat", "mean"):
             raise ValueError(f"layer_pooling={layer_pooling!r}; expected one of ('concat', 'mean')")
+        if max_new_tokens < 0 or image_size < 0 or max_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}, image_size={image_size}, max_tokens={max_tokens} "
+                             "must be >= 0")
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.max_new_tokens = max_new_tokens
@@ -182,6 +213,18 @@ class VLMBackbone:
         self.feature_dim = self.hidden_size * (self.num_layers if layer_pooling == "concat" else 1)
         self.image_token = getattr(processor, "image_token", "<image>")
         self.last_profile: str | None = None
+        self.image_size = int(image_size)
+        self.context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+        self.max_tokens = int(max_tokens) or self.context_length
+        if self.max_tokens and self.context_length and self.max_tokens > self.context_length:
+            raise ValueError(f"max_tokens={max_tokens} exceeds the model's context length {self.context_length}")
+        self.last_kept: int = 0  # how many examples the last embed_examples read (after fit)
+
+    @property
+    def settings(self) -> dict:
+        """What an adapter records so that inference reads users exactly as training did."""
+        return {"max_new_tokens": self.max_new_tokens, "layer_pooling": self.layer_pooling,
+                "image_size": self.image_size, "max_tokens": self.max_tokens}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -209,17 +252,52 @@ class VLMBackbone:
         body = "".join(VLM_EXAMPLE.format(prompt=ex.prompt, image=self.image_token) for ex in examples)
         return f"{VLM_INTRO}\n{body}{VLM_QUESTION}\n"
 
+    def _image(self, image) -> Image.Image:
+        image = to_pil(image)
+        if self.image_size and image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        return image
+
+    def _inputs(self, examples: Sequence[UserExample]):
+        images = [self._image(im) for ex in examples for im in (ex.preferred, ex.rejected)]
+        return self.processor(text=[self.build_prompt(examples)], images=images, return_tensors="pt")
+
+    def prompt_length(self, examples: Sequence[UserExample]) -> int:
+        """Tokens of the prompt that reads ``examples`` (image tokens included)."""
+        return int(self._inputs(examples)["input_ids"].shape[1])
+
+    def fit(self, examples: Sequence[UserExample]) -> list[UserExample]:
+        """The longest prefix of ``examples`` whose prompt plus profile fits ``max_tokens``; at least one."""
+        examples = list(examples)
+        _check_examples(examples)
+        if not self.max_tokens:
+            return examples
+        budget = self.max_tokens - self.max_new_tokens
+        length = self.prompt_length(examples)
+        while length > budget and len(examples) > 1:
+            # every example costs about the same: jump near the fit, then step
+            per_example = max(1, length // len(examples))
+            drop = max(1, min(len(examples) - 1, -(-(length - budget) // per_example)))
+            examples = examples[:-drop]
+            length = self.prompt_length(examples)
+        if length > budget:
+            raise ValueError(f"one example takes {length} tokens, over the budget of {budget} (max_tokens "
+                             f"{self.max_tokens} - max_new_tokens {self.max_new_tokens}): lower image_size")
+        return examples
+
     @torch.no_grad()
     def embed_examples(self, examples: Sequence[UserExample]) -> torch.Tensor:
-        _check_examples(examples)
-        images = [to_pil(im) for ex in examples for im in (ex.preferred, ex.rejected)]
-        inputs = self.processor(text=[self.build_prompt(examples)], images=images, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
+        examples = self.fit(examples)
+        self.last_kept = len(examples)
+        inputs = self._inputs(examples).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         # A generated image placeholder would ask for image features that do not exist.
         image_token_id = getattr(self.processor, "image_token_id", None)
         suppress = [image_token_id] if image_token_id is not None else None
+        if self.max_new_tokens == 0:  # no profile: the last prompt token reads the whole set
+            self.last_profile = ""
+            return self._pool(self.model(**inputs, output_hidden_states=True).hidden_states)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                   suppress_tokens=suppress, return_dict_in_generate=True)
         sequences = out.sequences
@@ -238,7 +316,9 @@ class VLMBackbone:
                 full[key] = torch.cat([value, fill(value.shape[0], new, dtype=value.dtype, device=value.device)], 1)
         if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             full["logits_to_keep"] = 1
-        hidden = self.model(**full, output_hidden_states=True).hidden_states  # (num_layers + 1) x (1, seq, H)
+        return self._pool(self.model(**full, output_hidden_states=True).hidden_states)
+
+    def _pool(self, hidden) -> torch.Tensor:
+        """(num_layers + 1) x (1, seq, H) hidden states -> the last token's features [1, F]."""
         last = torch.stack([h[0, -1] for h in hidden[1:]]).float()  # (num_layers, H)
-        features = last.reshape(1, -1) if self.layer_pooling == "concat" else last.mean(0, keepdim=True)
-        return features
+        return last.reshape(1, -1) if self.layer_pooling == "concat" else last.mean(0, keepdim=True)

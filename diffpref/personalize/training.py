@@ -80,6 +80,7 @@ class PPDConditioner:
         self.bank: ContextBank | None = None
         self.num_tokens = 0
         self.users: list[str] = []
+        self.backbone_kind = "open_clip"
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -91,19 +92,24 @@ class PPDConditioner:
         Called with the base UNet frozen (and LoRA added when ``lora_rank`` > 0), so the UNet's
         trainable parameters are exactly the new user projections (plus LoRA).
         """
-        from diffpref.personalize.backbones import OpenClipBackbone
+        from diffpref.personalize.backbones import OpenClipBackbone, backbone_kind
 
         self.cfg = cfg
-        backbone_path = None if cfg.ppd_backbone in ("embedded", "embedded-clip") else cfg.ppd_backbone
-        with accelerator.main_process_first():
-            backbone = OpenClipBackbone.from_pretrained(backbone_path, device=str(accelerator.device))
-            bank = build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone,
-                                      progress=accelerator.is_local_main_process)
-        del backbone  # frozen and fully cached: training never runs it
+        self.backbone_kind = backbone_kind(cfg.ppd_backbone)
+        if self.backbone_kind == "vlm":
+            bank = self._vlm_bank(cfg, cache, accelerator)
+        else:
+            backbone_path = None if cfg.ppd_backbone in ("embedded", "embedded-clip") else cfg.ppd_backbone
+            with accelerator.main_process_first():
+                backbone = OpenClipBackbone.from_pretrained(backbone_path, device=str(accelerator.device))
+                bank = build_context_bank(cache, backbone, cfg.data_path, cfg.tie_policy, cfg.ppd_backbone,
+                                          progress=accelerator.is_local_main_process)
+            del backbone  # frozen and fully cached: training never runs it
         report_skips(bank, accelerator.print)  # users with < 2 base-image pairs: counted, trained without a user
         install_user_attention(unet, cfg.ppd_num_tokens, blocks=parse_blocks(cfg.ppd_blocks),
                                value_init_scale=cfg.ppd_value_init_scale)
-        encoder = build_encoder(cfg, bank.feature_dim, bank.text.shape[1], int(unet.config.cross_attention_dim))
+        evidence_dim = bank.text.shape[1] if self.backbone_kind == "open_clip" else 0
+        encoder = build_encoder(cfg, bank.feature_dim, evidence_dim, int(unet.config.cross_attention_dim))
         encoder = encoder.to(accelerator.device)
         if cfg.ppd_init_adapter:
             start_from_adapter(encoder, unet, cfg.ppd_init_adapter, cfg.ppd_num_tokens)
@@ -112,6 +118,28 @@ class PPDConditioner:
         encoder.train()
         self.encoder, self.bank, self.num_tokens, self.users = encoder, bank, cfg.ppd_num_tokens, list(cache.users)
         return self.param_groups(cfg, unet)
+
+    def _vlm_bank(self, cfg, cache, accelerator):
+        """Precompute the VLM features of sampled context sets (every process its share of the users)."""
+        from diffpref.personalize.backbones import VLMBackbone
+        from diffpref.personalize.vlm_context import build_vlm_context_bank
+
+        if cfg.ppd_encoder != "set":
+            raise ValueError(f"ppd_encoder: {cfg.ppd_encoder} reads the [text, pref, rej, pref - rej] features of a CLIP "
+                             f"backbone; the VLM backbone {cfg.ppd_backbone} gives one summary row per context set: "
+                             "use ppd_encoder: set")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        backbone = VLMBackbone.from_pretrained(cfg.ppd_backbone, device=str(accelerator.device), dtype=dtype,
+                                               **self.vlm_settings(cfg))
+        bank = build_vlm_context_bank(cache, backbone, cfg, accelerator, progress=accelerator.is_local_main_process)
+        self.vlm_used = backbone.settings  # the budget resolved (0 = the model's context length)
+        del backbone  # frozen and fully cached: training never runs it
+        return bank
+
+    @staticmethod
+    def vlm_settings(cfg) -> dict:
+        return {"max_new_tokens": cfg.ppd_vlm_max_new_tokens, "layer_pooling": cfg.ppd_vlm_pooling,
+                "image_size": cfg.ppd_vlm_image_size, "max_tokens": cfg.ppd_vlm_max_tokens}
 
     def param_groups(self, cfg, unet) -> list[dict]:
         unet_params = [p for p in unet.parameters() if p.requires_grad]
@@ -150,8 +178,11 @@ class PPDConditioner:
     def export(self, unet, output_dir: Path) -> Path:
         config = {
             "num_tokens": self.num_tokens, "blocks": parse_blocks(self.cfg.ppd_blocks),
-            "backbone": self.cfg.ppd_backbone, "backbone_kind": "open_clip", "token_dim": int(unet.config.cross_attention_dim),
+            "backbone": self.cfg.ppd_backbone, "backbone_kind": self.backbone_kind,
+            "token_dim": int(unet.config.cross_attention_dim),
             "feature_dim": self.bank.feature_dim, "base_model": self.cfg.model,
             "shots": [self.cfg.ppd_shots_min, self.cfg.ppd_shots_max], "trained_users": self.users,
         }
+        if self.backbone_kind == "vlm":  # inference reads users as training did
+            config["vlm"] = self.vlm_used
         return save_ppd_adapter(output_dir, self._encoder, unet, config)

@@ -80,7 +80,7 @@ class TrainConfig:
     conditioning: str = field(default="none", metadata={"help": "none | ppd: what the UNet is conditioned on besides the prompt (ppd: a user's few-shot choices, read by the ppd_* keys; a `ppd:` section in the YAML sets it)"})
     ppd_num_tokens: int = field(default=4, metadata={"help": "PPD: user tokens K read by the UNet"})
     ppd_blocks: str = field(default="all", metadata={"help": "PPD: 'all' or comma-separated UNet block prefixes that get user attention"})
-    ppd_backbone: str = field(default="embedded", metadata={"help": "PPD: 'embedded' (world CLIP) or an open_clip local-dir folder"})
+    ppd_backbone: str = field(default="embedded", metadata={"help": "PPD: 'embedded' (world CLIP), an open_clip local-dir folder, or a local transformers vision-language model folder (AutoModelForImageTextToText: LLaVA-OneVision, Qwen2-VL, ...) that reads a user's examples in one prompt, as the paper does (ppd_vlm_* keys)"})
     ppd_shots_min: int = field(default=1, metadata={"help": "PPD: fewest context examples per training sample"})
     ppd_shots_max: int = field(default=8, metadata={"help": "PPD: most context examples per training sample"})
     ppd_user_dropout: float = field(default=0.1, metadata={"help": "PPD: fraction of samples trained with no user"})
@@ -91,6 +91,13 @@ class TrainConfig:
     ppd_attention_lr: float | None = field(default=None, metadata={"help": "PPD: learning rate of the UNet's user projections (and LoRA); default learning_rate. The head's small fresh weights want a far larger rate than copies of the UNet's"})
     ppd_value_init_scale: float = field(default=0.0, metadata={"help": "PPD: the user value projections start as this multiple of the layer's to_v; 0 (default): at zero, so training starts as the base model exactly (DPO loss log 2 at step 0); above 0 the user branch starts as an echo of the text attention"})
     ppd_init_adapter: str | None = field(default=None, metadata={"help": "PPD: start the user encoder and the user projections from this trained adapter ('embedded-ppd' or a folder) instead of fresh; e.g. a round on its own on-policy pairs (`diffpref world policy-pairs`). Its encoder settings and token count must match this config's"})
+    # VLM backbone (ppd_backbone = a transformers folder): the features of ppd_vlm_subsets sampled context sets per
+    # user are computed once before training (sharded across processes, cached beside the latents).
+    ppd_vlm_subsets: int = field(default=4, metadata={"help": "PPD, VLM backbone: context sets sampled per user (each of ppd_shots_min..ppd_shots_max of the user's pairs) whose features are precomputed; a training pair draws one that leaves it out"})
+    ppd_vlm_image_size: int = field(default=384, metadata={"help": "PPD, VLM backbone: every example image is resized to this square before the processor (fixes its image tokens; 0: as stored)"})
+    ppd_vlm_max_tokens: int = field(default=0, metadata={"help": "PPD, VLM backbone: token budget of one prompt (examples beyond it are left out; 0: the model's context length)"})
+    ppd_vlm_max_new_tokens: int = field(default=32, metadata={"help": "PPD, VLM backbone: profile tokens generated before the hidden states are read (0: none, the last prompt token's states)"})
+    ppd_vlm_pooling: str = field(default="concat", metadata={"help": "PPD, VLM backbone: 'concat' (every layer's last-token state, as the paper) or 'mean' over layers"})
 
     def __post_init__(self):
         if self.method == "ppd":
@@ -125,6 +132,10 @@ class TrainConfig:
         if self.conditioning == "ppd" and not 1 <= self.ppd_shots_min <= self.ppd_shots_max:
             raise ValueError(f"need 1 <= ppd_shots_min ({self.ppd_shots_min}) <= ppd_shots_max ({self.ppd_shots_max})")
         _choice("ppd_encoder", self.ppd_encoder, ("set", "evidence"))
+        _choice("ppd_vlm_pooling", self.ppd_vlm_pooling, ("concat", "mean"))
+        if min(self.ppd_vlm_image_size, self.ppd_vlm_max_tokens, self.ppd_vlm_max_new_tokens) < 0 or self.ppd_vlm_subsets < 1:
+            raise ValueError("ppd_vlm_subsets must be >= 1 and ppd_vlm_image_size, ppd_vlm_max_tokens, "
+                             "ppd_vlm_max_new_tokens >= 0")
         if self.conditioning == "ppd" and self.method != "dpo":
             raise ValueError(f"conditioning: ppd trains with Diffusion-DPO (PPD is DPO plus user conditioning); "
                              f"got method={self.method!r}: set method: dpo")
