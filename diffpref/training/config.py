@@ -48,7 +48,7 @@ class TrainConfig:
     resolution: int | None = field(default=None, metadata={"help": "training resolution (default: the model's native one)"})
     cache_dir: str | None = field(default=None, metadata={"help": "latent/text-embedding cache root (default: output_dir/../.cache)"})
     cache_batch_size: int = field(default=32, metadata={"help": "cache build: images per VAE call and prompts per text-encoder call (every process encodes its share)"})
-    random_flip: bool = field(default=False, metadata={"help": "cache both orientations of every image and mirror each at random per step (the official Diffusion-DPO default; doubles the cache). Off by default: a taste can be about left and right"})
+    random_flip: bool = field(default=False, metadata={"help": "cache both orientations of every image and mirror each at random per step (the official Diffusion-DPO default). Off by default: it doubles the cache build and its disk, and would erase a taste about left and right"})
     process_group_timeout: int = field(default=7200, metadata={"help": "seconds a collective may wait (torch.distributed timeout): a cache build's barrier waits for the slowest share"})
     prompt_dropout: float = field(default=0.1, metadata={"help": "fraction of prompts replaced by '' (keeps guidance working)"})
     lr_scheduler: str = field(default="constant", metadata={"help": "constant | cosine | linear (after warm-up)"})
