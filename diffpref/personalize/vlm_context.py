@@ -36,7 +36,7 @@ PAIRS_PER_PASS = 2048
 
 @dataclass
 class VLMContextBank:
-    features: torch.Tensor    # [S, F] one VLM feature row per precomputed context set
+    features: torch.Tensor    # [S, F] one VLM feature row per precomputed context set (stored in bfloat16)
     set_user: torch.Tensor    # [S] user index of each set
     set_rows: torch.Tensor    # [S, k_max] cache rows each set read (-1: padding)
     user_index: torch.Tensor  # [N] user index of every cache row
@@ -166,7 +166,9 @@ def build_vlm_context_bank(cache, backbone, cfg, accelerator, progress: bool = T
     bar.close()
     k_max = max(cfg.ppd_shots_max, 1)
     if mine:
-        shard = {"index": torch.tensor(mine, dtype=torch.long), "features": torch.stack([features[s] for s in mine]),
+        # bfloat16: a 7B VLM's concatenated layers are ~100k numbers a set; the head starts with a LayerNorm
+        shard = {"index": torch.tensor(mine, dtype=torch.long),
+                 "features": torch.stack([features[s] for s in mine]).to(torch.bfloat16),
                  "rows": torch.tensor([used[s] + [-1] * (k_max - len(used[s])) for s in mine], dtype=torch.long)}
         save_file(shard, str(folder / f"shard-{rank:05d}-of-{world:05d}.safetensors"))
     accelerator.wait_for_everyone()
