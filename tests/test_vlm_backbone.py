@@ -248,11 +248,12 @@ def test_ppd_trains_with_a_vlm_backbone_and_the_adapter_generates(tmp_path, tiny
     adapter = tmp_path / "out"
     config = json.loads((adapter / "ppd_config.json").read_text())
     assert config["backbone"] == str(vlm_dir) and config["backbone_kind"] == "vlm" and config["feature_dim"] == 48
-    assert config["vlm"] == {"max_new_tokens": 2, "layer_pooling": "concat", "image_size": 32, "max_tokens": 1024}
+    assert config["vlm"] == {"max_new_tokens": 2, "layer_pooling": "concat", "image_size": 32, "max_tokens": 1024,
+                             "dtype": "float32"}
 
     pipe = PersonalizedPipeline.from_base(load_pipeline(str(tiny_sd15_dir), device="cpu"), adapter)
     pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe.backbone, VLMBackbone) and pipe.backbone.image_size == 32  # as trained
+    assert isinstance(pipe.backbone, VLMBackbone) and pipe.backbone.settings == config["vlm"]  # as trained
     kw = dict(num_inference_steps=2, output_type="np", guidance_scale=1.0)
     base = pipe("a shape", generator=torch.Generator().manual_seed(0), **kw).images
     user = pipe("a shape", user_examples=_examples(2), generator=torch.Generator().manual_seed(0), **kw).images

@@ -224,10 +224,11 @@ class VLMBackbone:
     def settings(self) -> dict:
         """What an adapter records so that inference reads users exactly as training did."""
         return {"max_new_tokens": self.max_new_tokens, "layer_pooling": self.layer_pooling,
-                "image_size": self.image_size, "max_tokens": self.max_tokens}
+                "image_size": self.image_size, "max_tokens": self.max_tokens,
+                "dtype": str(self.model.dtype).removeprefix("torch.")}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
                         **kwargs) -> VLMBackbone:
         """Load model and processor from a local folder (``save_pretrained`` layout); never downloads."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -235,6 +236,8 @@ class VLMBackbone:
         if not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json; VLMBackbone loads local transformers folders only")
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        if isinstance(dtype, str):  # as an adapter records it ("bfloat16")
+            dtype = getattr(torch, dtype)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
         return cls(model, processor, **kwargs)
 
