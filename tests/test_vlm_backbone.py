@@ -282,6 +282,33 @@ def test_ppd_trains_with_a_vlm_backbone_and_the_adapter_generates(tmp_path, tiny
     assert sorted(r["user"] for r in made) == ["alice", "bob"]
 
 
+def test_the_app_runs_with_a_vlm_adapter(tmp_path, tiny_sd15_dir, manifest, vlm_dir):
+    """The rating app loads a VLM-backbone adapter: pairs (random: a VLM has no per-image embedding for the active
+    choice), ratings, the person's tokens from their choices, a personalized image, and a profile that says why
+    it has no CLIP probes."""
+    from diffpref.app.config import AppConfig
+    from diffpref.app.service import RatingService
+    from diffpref.launch import build_parts
+    from diffpref.training.trainer import train
+
+    cfg = _cfg(tmp_path, tiny_sd15_dir, manifest, vlm_dir, max_train_steps=1)
+    train(cfg, *build_parts(cfg))
+    service = RatingService(AppConfig(model=str(tiny_sd15_dir), adapter=str(tmp_path / "out"), db=str(tmp_path / "r.db"),
+                                      steps=1, profile="clip", candidates=3, profile_seeds=1, pair_mode="active"),
+                            start_worker=False)
+    try:
+        assert not service.image_features
+        service.login("ann")
+        pair = service.next_pair("ann")
+        service.rate("ann", pair["pair_id"], "left")
+        tokens = service.user_tokens("ann")
+        assert tokens is not None and tokens.shape == (2, 16)
+        assert service.generate("ann", "a star", 0)["personalized"] is not None
+        assert service.profile("ann")["method"] is None
+    finally:
+        service.close()
+
+
 def test_a_vlm_backbone_refuses_the_evidence_head(tmp_path, tiny_sd15_dir, manifest, vlm_dir):
     from diffpref.launch import build_parts
     from diffpref.training.trainer import train

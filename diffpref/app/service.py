@@ -104,6 +104,9 @@ class RatingService:
         # than a person rates, and the queue runs dry. The world model's images are as faithful at 15.
         self.pair_steps = config.pair_steps or (min(15, self.steps) if config.is_world else self.steps)
         self.world = config.is_world if config.profile == "auto" else config.profile == "world"
+        # A VLM backbone reads a whole set of examples at once: it has no per-image embedding for the
+        # active pair choice or the CLIP probe profile, so pairs are random and the profile says why.
+        self.image_features = getattr(pipe, "ppd_config", {}).get("backbone_kind", "open_clip") != "vlm"
         self.model_name = str(config.model)[:120]
         # The pipeline's attention processors hold the user scale: one generation at a time.
         self._model_lock = threading.RLock()
@@ -222,7 +225,7 @@ class RatingService:
         return images, models
 
     def _make_pair(self, user_id: str) -> str:
-        active = self.config.pair_mode == "active"
+        active = self.config.pair_mode == "active" and self.image_features
         # Active mode looks at several prompts: a prompt that names what the person cares about gives
         # candidates that all look alike to them, and BALD then prefers another prompt's pair.
         groups = self.config.candidate_prompts if active else 1
@@ -392,6 +395,9 @@ class RatingService:
             cached = self._profiles.get(user_id)
         if cached is not None and cached[0] == key:
             return {**summary, **cached[1]}
+        if not self.world and not self.image_features:
+            return {**summary, "method": None, "attributes": [],
+                    "message": "this adapter's VLM backbone has no per-image embedding to describe the change with"}
         prompts_list = WORLD_PROBE_PROMPTS if self.world else CLIP_PROBE_PROMPTS
         prompts = [p for p in prompts_list for _ in range(self.config.profile_seeds)]
         seeds = [s for _ in prompts_list for s in range(self.config.profile_seeds)]
