@@ -45,8 +45,8 @@ def _pairs(root: Path, name: str, color: str, k: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def sdxl_adapter(tmp_path_factory, tiny_sdxl_dir, clip_dir):
     """configs/sdxl_ppd.yaml, its keys as shipped except model, data, backbone, sizes and steps."""
-    from diffpref.launch import build_parts
     from diffpref.config import load_config
+    from diffpref.launch import build_parts
     from diffpref.training.config import TrainConfig
     from diffpref.training.trainer import train
 
@@ -80,7 +80,10 @@ def test_sdxl_ppd_config_trains_an_adapter_from_log_2(sdxl_adapter, tiny_sdxl_di
 def personalized(sdxl_adapter, tiny_sdxl_dir, clip_dir):
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.backbones import OpenClipBackbone
-    from diffpref.personalize.pipeline import PersonalizedPipeline, PersonalizedSDXLPipeline
+    from diffpref.personalize.pipeline import (
+        PersonalizedPipeline,
+        PersonalizedSDXLPipeline,
+    )
 
     pipe = PersonalizedPipeline.from_base(load_pipeline(str(tiny_sdxl_dir), device="cpu"), sdxl_adapter[0],
                                           backbone=OpenClipBackbone.from_pretrained(clip_dir))
@@ -117,7 +120,10 @@ def test_sdxl_user_scale_0_and_no_user_are_the_base_bit_for_bit(personalized, ti
 
 
 def test_sdxl_personalized_pipeline_saves_and_loads(personalized, tmp_path):
-    from diffpref.personalize.pipeline import PersonalizedPipeline, PersonalizedSDXLPipeline
+    from diffpref.personalize.pipeline import (
+        PersonalizedPipeline,
+        PersonalizedSDXLPipeline,
+    )
 
     tokens = personalized.embed_user(_examples(1, "blue"))
     expected = _run(personalized, user_embedding=tokens, user_scale=0.7)

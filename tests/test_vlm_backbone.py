@@ -41,8 +41,15 @@ def _text_config(tokenizer) -> dict:
 
 def build_llava_onevision(path: Path) -> Path:
     """SigLIP tower (32 px, patch 8: 16 tokens a view) + Qwen2 text model, one 32 px grid (anyres_max_1)."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
-                              LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2Config, SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     tokenizer = _tokenizer(["<image>", "<video>"])
     processor = LlavaOnevisionProcessor(
@@ -64,8 +71,13 @@ def build_llava_onevision(path: Path) -> Path:
 
 def build_qwen2_vl(path: Path) -> Path:
     """Qwen2-VL vision tower (patch 14, 2x2 merge) + text model; images of 28-56 px -> 1-4 image tokens."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tokenizer = _tokenizer(specials)
@@ -230,6 +242,33 @@ def test_context_sets_are_sharded_across_processes_and_cached(tmp_path, tiny_sd1
     # cached: a later run reads the bank, the backbone is not called
     backbone.embed_examples = None
     torch.testing.assert_close(build_vlm_context_bank(cache, backbone, cfg, _Rank(0, 1), progress=False).features, one.features)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_one_process_context_bank(tmp_path, manifest, vlm_dir):
+    """torchrun, 2 gloo processes: each embeds its users' sets (3 of 6), and the merged bank equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out-{processes}.json"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = (launcher if processes > 1 else [sys.executable]) + [
+            str(root / "tests" / "vlm_context_worker.py"), str(manifest), str(vlm_dir), str(tmp_path / f"run-{processes}"), str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        run = subprocess.run(command, check=False, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        results[processes] = json.loads(out.read_text())
+    assert results[1]["sets_per_rank"] == [6] and results[2]["sets_per_rank"] == [3, 3]
+    one, two = load_file(results[1]["bank"]), load_file(results[2]["bank"])
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
 
 
 def test_ppd_trains_with_a_vlm_backbone_and_the_adapter_generates(tmp_path, tiny_sd15_dir, manifest, vlm_dir, capsys):

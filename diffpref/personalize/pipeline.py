@@ -23,7 +23,12 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 
-from diffpref.personalize.adapter import ATTENTION_NAME, CONFIG_NAME, load_backbone, load_ppd_adapter
+from diffpref.personalize.adapter import (
+    ATTENTION_NAME,
+    CONFIG_NAME,
+    load_backbone,
+    load_ppd_adapter,
+)
 from diffpref.personalize.attention import (
     concat_user_tokens,
     fixed_user_tokens,
