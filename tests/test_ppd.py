@@ -648,3 +648,23 @@ def test_shipped_adapter_beats_the_base_model_for_unseen_users():
     result = evaluate_ppd("embedded", "embedded-ppd", users, shots=4, num_prompts=12, seed=0, steps=8,
                           ranking_pairs=0, progress=False)
     assert result["win_rate_vs_base"] >= 0.58, result["per_user"]
+
+
+def test_sd15_ppd_recipe_starts_at_log_2_with_bf16_and_checkpointing(tmp_path, tiny_sd15_dir, multi_user_manifest, clip_dir):
+    """configs/sd15_ppd.yaml as shipped (bf16 mixed precision, gradient checkpointing, the set head at its width)
+    except model, data, backbone, sizes and steps: the first DPO loss is log 2 exactly."""
+    import math
+
+    from diffpref.config import load_config
+    from diffpref.launch import build_parts
+    from diffpref.training.trainer import train as run
+
+    overrides = [f"model={tiny_sd15_dir}", f"data_path={multi_user_manifest}", f"output_dir={tmp_path / 'out'}",
+                 f"cache_dir={tmp_path / 'cache'}", f"ppd_backbone={clip_dir}", "max_train_steps=1", "train_batch_size=4",
+                 "gradient_accumulation_steps=1", "resolution=32", "checkpointing_steps=0", "report_to=none", "threads=1",
+                 "eval_prompts=0"]
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "sd15_ppd.yaml", overrides)
+    assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing and cfg.ppd_value_init_scale == 0
+    run(cfg, *build_parts(cfg))
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert history[0]["loss"] == float(torch.tensor(math.log(2)))
