@@ -35,7 +35,7 @@ from diffpref.training.conditioning import (
 
 RES = 32  # native resolution of the tiny pipelines: UNet sample size 16 x VAE factor 2
 # Cached latents and embeddings are stored in fp16.
-FP16_TOL = dict(atol=2e-3, rtol=2e-3)
+FP16_TOL = {"atol": 2e-3, "rtol": 2e-3}
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +209,27 @@ def test_flip_caches_both_orientations_and_mirrors_the_crop(sdxl, tmp_path: Path
         assert flipped[i]["time_ids_0"].tolist() == [40, 49, 0, 3, RES, RES]
         assert item["time_ids_0"].tolist() == [40, 49, 0, 4, RES, RES]
         assert item["time_ids_1"].tolist() == flipped[i]["time_ids_1"].tolist()
+
+
+def test_training_batches_mirror_the_images_flip_choices_pick(sdxl, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from diffpref.training.step import draw_micro_batch
+
+    manifest = write_manifest(tmp_path, size=(49, 40))
+    cache = build_preference_cache(sdxl, manifest, tmp_path / "cache", progress=False, num_workers=0,
+                                   random_flip=True)
+    cfg = SimpleNamespace(train_batch_size=4, seed=3, timestep_min=0, prompt_dropout=0.0)
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
+    parts = SimpleNamespace(cfg=cfg, accelerator=accelerator, cache=cache, timestep_high=1000)
+    for step in range(3):
+        mb = draw_micro_batch(parts, step)
+        flips = randomness.flip_choices(step, range(4), 2, seed=3)
+        for k, index in enumerate(mb.indices.tolist()):
+            expected = cache.get(index, flips[k])
+            for name in ("latents_0", "latents_1", "time_ids_0", "time_ids_1"):
+                assert torch.equal(mb.batch[name][k], expected[name]), (step, k, name)
+    assert flips.any() and not flips.all()  # both orientations were drawn
 
 
 def test_flip_choices_are_a_function_of_seed_step_and_position() -> None:

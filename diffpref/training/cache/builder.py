@@ -183,8 +183,9 @@ def _encode_share(pipe, reader: ChunkReader, directory: Path, batch_size: int, n
     if num_workers is None:
         num_workers = min(4, max((os.cpu_count() or 1) - 1, 0))
     num_workers = min(num_workers, len(reader.chunks))
+    # One decoded chunk waiting per worker: a chunk of large images is hundreds of MB.
     loader = DataLoader(reader, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
-                        prefetch_factor=2 if num_workers else None, persistent_workers=False)
+                        prefetch_factor=1 if num_workers else None, persistent_workers=False)
     encoded = 0
     from diffpref.data.loading import progress_bar
 

@@ -137,11 +137,6 @@ class _LatentCache(Dataset):
         item.update(self.prompt_cond(int(item["prompt_index"])))
         return item
 
-    def sizes_and_crops(self, index: int) -> dict[str, torch.Tensor]:
-        """The stored original sizes (h, w) and crops (top, left) [images, 2] of item ``index``."""
-        row = self._rows.row(index, ("original_size", "crop_top_left"))
-        return {"original_size": row["original_size"], "crop_top_left": row["crop_top_left"]}
-
     def prompt_cond(self, prompt_index: int) -> dict[str, torch.Tensor]:
         """The cached conditioning of ``prompts[prompt_index]``: prompt_embeds [L, D] (+ pooled [D2] for SDXL)."""
         chunk = int(self._index["prompt_chunk"][prompt_index])
