@@ -104,8 +104,8 @@ step sd15_dpo_lora $LIMIT_DPO "${TS[@]}" "${SD15[@]}" --method dpo --lora-rank 8
 step ppd $LIMIT_PPD "${TS[@]}" "${SD15[@]}" --method ppd --attention $ATTENTION
 step sdxl_dpo_lora $LIMIT_SDXL "${TS[@]}" "${SDXL[@]}" --method dpo --lora-rank 8
 if [ -f bench/cache_build.py ]; then
-    CB=(python3 bench/cache_build.py --json)
-    [ $DRY_RUN = 1 ] && CB+=(--dry-run)
+    CB=(python3 bench/cache_build.py --json --processes 1)  # one GPU: one process
+    if [ $DRY_RUN = 1 ]; then CB+=(--pairs 16); else CB+=(--pairs 1024); fi
     step cache_build $LIMIT_CACHE "${CB[@]}"
 else
     echo '{"skipped": "bench/cache_build.py is not in this tree"}' > "$WORK/cache_build.jsonl"

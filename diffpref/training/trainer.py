@@ -155,12 +155,32 @@ def _accelerator(cfg: TrainConfig):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     output_dir = Path(cfg.output_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.process_group_timeout))],
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # No GPU: say so, or accelerate (1.15) leaves torchrun's processes unjoined, each training alone
+        # (DistributedType.NO); with cpu=True they form one gloo group (MULTI_CPU). One process: the same.
+        cpu=not torch.cuda.is_available(),
     )
+    _check_engine(accelerator)
+    return accelerator
+
+
+def _check_engine(accelerator) -> None:
+    """A launcher's FSDP/DeepSpeed request that accelerate did not honour fails here, not as a silent DDP run
+    (accelerate 1.15 runs FSDP only on GPU-like devices: docs/distributed.md)."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    for env, kind in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(env, "false").lower() == "true" and accelerator.distributed_type != kind:
+            raise RuntimeError(f"{env}=true (an accelerate config asked for {kind.value}), but accelerate runs "
+                               f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es) on "
+                               f"{accelerator.device}: {kind.value} needs GPUs. On CPUs launch with torchrun "
+                               "(processes join one gloo group) or configs/accelerate/ddp.yaml; see docs/distributed.md")
 
 
 def _load(cfg: TrainConfig, accelerator, conditioner) -> tuple[StepParts, type]:
@@ -270,7 +290,10 @@ def _finish(cfg: TrainConfig, parts: StepParts, progress: Progress, pipeline_cla
     summary = {"method": cfg.method, "steps": progress.global_step, "wall_clock_s": round(wall_clock, 1),
                "train_s": round(wall_clock - eval_seconds, 1), "eval_s": round(eval_seconds, 1),
                "skipped_steps": progress.skipped_steps, "extra_forward_passes": progress.extra_forward_passes,
-               "pairs": len(parts.cache), "final": history.last}
+               "pairs": len(parts.cache), "final": history.last,
+               # what accelerate actually ran (a launcher's FSDP request on CPUs runs as MULTI_CPU: docs/distributed.md)
+               "distributed_type": str(accelerator.distributed_type).removeprefix("DistributedType."),
+               "processes": accelerator.num_processes}
     if evaluator:
         summary["eval"] = evaluator(progress.global_step)
         accelerator.log(summary["eval"], step=progress.global_step)
