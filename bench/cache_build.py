@@ -1,7 +1,7 @@
 """Cache build rate: images encoded per second by 1 process and by N processes (torchrun, gloo).
 
     python bench/cache_build.py --json                       # embedded model, 1024 pairs, 1 vs 2 processes (CPU)
-    python bench/cache_build.py --json --pairs 4096 --processes 1 4 --device-threads 1
+    python bench/cache_build.py --json --pairs 4096 --processes 1 4 --threads-per-process 1 --device cuda   # 4 GPUs
 
 The data are a Pick-a-Pic parquet of random non-square JPEGs written once (the VAE's cost does not
 depend on what the pixels show; decoding and resizing run as for real data). Each run builds the
@@ -50,7 +50,7 @@ def write_data(path: Path, pairs: int, size: tuple[int, int]) -> None:
     pq.write_table(table, path, row_group_size=256)
 
 
-def worker(data: str, root: str, out: str, model: str, batch_size: int, workers: int) -> None:
+def worker(data: str, root: str, out: str, model: str, batch_size: int, workers: int, device: str) -> None:
     """One process of the build (alone, or one of a torchrun group)."""
     import torch
     import torch.distributed as dist
@@ -58,9 +58,13 @@ def worker(data: str, root: str, out: str, model: str, batch_size: int, workers:
     from diffpref.models.loading import load_pipeline
     from diffpref.training.cache import build_preference_cache
 
-    if "WORLD_SIZE" in os.environ:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if "WORLD_SIZE" in os.environ:  # gloo: the barriers carry no tensors, so CPU and GPU ranks alike
         dist.init_process_group("gloo")
-    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(model, device=device, dtype=torch.float32)
     started = time.perf_counter()
     cache = build_preference_cache(pipe, data, root, batch_size=batch_size, progress=False, num_workers=workers)
     seconds = time.perf_counter() - started
@@ -77,7 +81,8 @@ def run(index: int, processes: int, args, data: Path, work: Path) -> dict:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
     command = launcher + [__file__, "--worker", str(data), str(work / f"cache-{index}"), str(out),
-                          "--model", args.model, "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+                          "--model", args.model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                          "--device", args.device]
     subprocess.run(command, check=True, env=env)
     result = json.loads(out.read_text())
     images = sum(result["build"]["images_encoded_per_rank"])
@@ -96,10 +101,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="cache_batch_size: images per VAE call")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader decoding workers per process")
     parser.add_argument("--threads-per-process", type=int, default=0, help="0: the cores split over the processes")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu or cuda (one per process)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker, args.model, args.batch_size, args.workers)
+        worker(*args.worker, args.model, args.batch_size, args.workers, args.device)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -107,7 +113,7 @@ def main() -> None:
         write_data(data, args.pairs, tuple(args.image_size))
         results = [run(i, p, args, data, work) for i, p in enumerate(args.processes)]
     base = results[0]["images_per_s"]
-    report = {"bench": "cache_build", "model": args.model, "pairs": args.pairs, "image_size": list(args.image_size),
+    report = {"bench": "cache_build", "model": args.model, "device": args.device, "pairs": args.pairs, "image_size": list(args.image_size),
               "cache_batch_size": args.batch_size, "cpu_count": os.cpu_count(), "runs": results,
               "ratio_to_first": [round(r["images_per_s"] / base, 3) for r in results]}
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
