@@ -320,6 +320,18 @@ def test_interrupted_build_is_no_cache_and_the_rerun_resumes(sd15, tmp_path: Pat
             assert torch.equal(cache[i][name], value), (i, name)
 
 
+def test_chunks_of_a_manifest_read_each_line_once(sd15, tmp_path: Path, monkeypatch) -> None:
+    manifest = write_manifest(tmp_path)
+    whole = build_preference_cache(sd15, manifest, tmp_path / "whole", progress=False, num_workers=0)
+    monkeypatch.setattr(layout_module, "CHUNK_ROWS", 3)  # lines 0-2 and 3: a chunk boundary mid-file
+    cut = build_preference_cache(sd15, manifest, tmp_path / "cut", progress=False, num_workers=0)
+    assert cut.meta["chunks"]["rows"] == [3, 1] and cut.meta["report"]["rows"] == whole.meta["report"]["rows"] == 4
+    assert (cut.users, cut.prompts) == (whole.users, whole.prompts)
+    for i in range(len(whole)):
+        for name, value in whole[i].items():
+            torch.testing.assert_close(cut[i][name], value, **FP16_TOL)  # other VAE batches: fp rounding only
+
+
 def test_cache_of_another_version_is_refused_and_rebuilt(sd15, tmp_path: Path, monkeypatch) -> None:
     data = write_parquet(tmp_path / "pairs.parquet")
     cache = build_preference_cache(sd15, data, tmp_path / "cache", progress=False, num_workers=0)

@@ -57,6 +57,8 @@ def _lines(path: Path, judge: RowJudge, progress: bool | None,
         for number, text in enumerate(handle, start=1):
             bar.update(1)
             if rows is not None and number - 1 not in rows:
+                if number - 1 >= rows.stop:
+                    break  # past the range: the rest of the file is not read
                 continue
             if not text.strip():
                 continue  # blank lines (often a trailing newline) are not rows

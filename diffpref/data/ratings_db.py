@@ -173,6 +173,8 @@ def _stream(
             # One statement: SQLite keeps its read snapshot until the cursor is exhausted.
             for position, row in enumerate(conn.execute(PREFERENCE_ROWS_SQL)):
                 if rows is not None and position not in rows:
+                    if position >= rows.stop:
+                        break  # past the range
                     continue
                 stats.rows += 1
                 bar.update(1)
