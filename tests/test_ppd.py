@@ -665,6 +665,13 @@ def test_sd15_ppd_recipe_starts_at_log_2_with_bf16_and_checkpointing(tmp_path, t
                  "eval_prompts=0"]
     cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "sd15_ppd.yaml", overrides)
     assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing and cfg.ppd_value_init_scale == 0
-    run(cfg, *build_parts(cfg))
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state: the other tests' "no" mixed precision must not meet this bf16 run
+    AcceleratorState._reset_state(True)
+    try:
+        run(cfg, *build_parts(cfg))
+    finally:
+        AcceleratorState._reset_state(True)
     history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
     assert history[0]["loss"] == float(torch.tensor(math.log(2)))
