@@ -125,15 +125,17 @@ def stock_lora_roundtrip(pipe, unet, path: Path) -> dict:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    trained = {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(unet).items()}
+    trained = {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}  # fp32 (trainable)
     unet.delete_adapters(["default"])
     pipe.unet = unet
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="loaded")
-    loaded = {k: v.detach().float() for k, v in get_peft_model_state_dict(pipe.unet, adapter_name="loaded").items()}
-    same_keys = {k.replace(".loaded", "").replace(".default", "") for k in loaded} == \
-        {k.replace(".loaded", "").replace(".default", "") for k in trained}
-    diff = max((loaded[k] - trained[k]).abs().max().item() for k in trained if k in loaded) if loaded else math.inf
+    loaded = {k: v.detach() for k, v in get_peft_model_state_dict(pipe.unet, adapter_name="loaded").items()}
+    same_keys = loaded.keys() == trained.keys()
+    # diffusers gives the loaded adapter the UNet's dtype (bf16 here): the trained weights rounded to it
+    diff = max(((loaded[k].float() - trained[k].to(loaded[k].dtype).float()).abs().max().item()
+                for k in trained if k in loaded), default=math.inf)
     return {"lora_file": path.name, "lora_tensors": len(load_file(str(path))), "stock_load_same_keys": same_keys,
+            "stock_load_dtype": str(next(iter(loaded.values())).dtype).removeprefix("torch.") if loaded else None,
             "stock_load_max_abs_diff": diff}
 
 

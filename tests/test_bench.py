@@ -271,4 +271,5 @@ def test_real_arch_lane_starts_every_objective_at_log2_and_exports_a_stock_loada
         if row["method"] == "ppd":
             assert row["conditioning"] == "ppd" and row["ppd_adapter_files"]
         else:
-            assert row["stock_load_same_keys"] and row["stock_load_max_abs_diff"] <= 1e-6
+            # stock load_lora_weights gives back exactly the trained weights (in the UNet's dtype)
+            assert row["stock_load_same_keys"] and row["stock_load_max_abs_diff"] == 0
