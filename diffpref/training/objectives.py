@@ -132,11 +132,6 @@ def preferred(batch: dict) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- pairs
-def _double(batch: dict) -> dict:
-    # Both images' conditioning; SDXL's time ids differ per image (conditioning.pair_cond).
-    return pair_cond(batch)
-
-
 def _pair_errors(denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond2: dict, target: torch.Tensor):
     err = losses.per_sample_mse(denoise(x_t, t, cond2), target)
     return err.chunk(2)
@@ -163,7 +158,7 @@ class _Pairs:
 def _forward_noised(x: ObjectiveInputs) -> _Pairs:
     x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
     t2, eps = torch.cat([x.t, x.t]), torch.cat([x.noise, x.noise])
-    return _Pairs(x0, x.schedule.add_noise(x0, eps, t2), t2, _double(x.batch), x.schedule.target(x0, eps, t2))
+    return _Pairs(x0, x.schedule.add_noise(x0, eps, t2), t2, pair_cond(x.batch), x.schedule.target(x0, eps, t2))
 
 
 def _inverted(x: ObjectiveInputs) -> _Pairs:
@@ -172,7 +167,7 @@ def _inverted(x: ObjectiveInputs) -> _Pairs:
     image; inverting with the policy makes the target follow the policy, which lets the loss fall by
     moving the reference's error instead."""
     x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
-    t2, cond2 = torch.cat([x.t, x.t]), _double(x.batch)
+    t2, cond2 = torch.cat([x.t, x.t]), pair_cond(x.batch)
     inverter = x.reference if x.cfg.inversion_model == "reference" else x.policy
     with torch.no_grad():
         inv = ddim_invert(lambda z, s: x.schedule.eps_from_output(inverter(z, s, cond2), z, s), x0, t2,
