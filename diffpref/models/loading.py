@@ -62,10 +62,11 @@ def _hub_offline() -> bool:
 def _cached_index(model: str) -> str | None:
     """The cached model_index.json of hub id ``model``, or None (not cached, or not a valid hub id)."""
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
     try:
         found = try_to_load_from_cache(model, "model_index.json")
-    except Exception:  # HFValidationError: not a valid repo id, so it cannot be cached either
+    except HFValidationError:  # not a valid repo id, so it cannot be cached either
         return None
     return found if isinstance(found, str) else None
 
@@ -82,7 +83,11 @@ def _resolve_hub_id(model: str) -> str:
     if _hub_offline():
         raise FileNotFoundError(f"{looked}; the hub was not asked (HF_HUB_OFFLINE is set){hint}")
     from huggingface_hub import model_info
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
 
     try:
         model_info(model, timeout=HUB_TIMEOUT_S)
@@ -106,13 +111,6 @@ def _model_index(source: str) -> dict:
 
             index = hf_hub_download(source, "model_index.json")
     return json.loads(Path(index).read_text())
-
-
-def pipeline_class_name(model: str) -> str | None:
-    index = Path(model) / "model_index.json"
-    if index.exists():
-        return json.loads(index.read_text()).get("_class_name")
-    return None
 
 
 def xformers_problem(device: str = "cuda") -> str | None:
