@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from diffpref.world.render import render, sample_attributes
+from test_small_defects import red_over_blue_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,15 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_sd15_dir):
     root = tmp_path_factory.mktemp("dist")
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(8):
-        render(sample_attributes(rng, color="red")).save(root / f"{i}_a.png")
-        render(sample_attributes(rng, color="blue")).save(root / f"{i}_b.png")
-        lines.append({"prompt": "a shape", "image_0": f"{i}_a.png", "image_1": f"{i}_b.png", "label": 1.0})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    manifest = red_over_blue_manifest(root)
     (root / "cfg.yaml").write_text(
-        f"method: dpo\nmodel: {tiny_sd15_dir}\ndata_path: {root / 'pairs.jsonl'}\nmax_train_steps: 3\n"
+        f"method: dpo\nmodel: {tiny_sd15_dir}\ndata_path: {manifest}\nmax_train_steps: 3\n"
         f"learning_rate: 1.0e-3\nreport_to: none\nseed: 0\ncheckpointing_steps: 2\nthreads: 1\n"
         f"cache_dir: {root / 'cache'}\n")
     return root

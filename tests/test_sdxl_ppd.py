@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_ppd import (
+    _write_user_examples,  # one user's (color over yellow) examples, shared
+)
 
 from diffpref.models.world_clip import build_world_clip, save_world_clip
 from diffpref.personalize.backbones import UserExample
@@ -31,17 +34,6 @@ def clip_dir(tmp_path_factory):
     return save_world_clip(build_world_clip(), tmp_path_factory.mktemp("clip") / "world-clip")
 
 
-def _pairs(root: Path, name: str, color: str, k: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(k):
-        render(sample_attributes(rng, color=color)).save(root / f"{name}_{i}_a.png")
-        render(sample_attributes(rng, color="yellow")).save(root / f"{name}_{i}_b.png")
-        rows.append({"prompt": "a shape", "image_0": f"{name}_{i}_a.png", "image_1": f"{name}_{i}_b.png", "label": 1.0})
-    return rows
-
-
 @pytest.fixture(scope="module")
 def sdxl_adapter(tmp_path_factory, tiny_sdxl_dir, clip_dir):
     """configs/sdxl_ppd.yaml, its keys as shipped except model, data, backbone, sizes and steps."""
@@ -51,7 +43,7 @@ def sdxl_adapter(tmp_path_factory, tiny_sdxl_dir, clip_dir):
     from diffpref.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("sdxl_ppd")
-    rows = [{**r, "user_id": f"user{u}"} for u, color in enumerate(["red", "blue"]) for r in _pairs(tmp, f"u{u}", color, 3, u)]
+    rows = [{**r, "user_id": f"user{u}"} for u, color in enumerate(["red", "blue"]) for r in _write_user_examples(tmp, f"u{u}", color, 3, u)]
     data = tmp / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     overrides = [f"model={tiny_sdxl_dir}", f"data_path={data}", f"output_dir={tmp / 'out'}", f"cache_dir={tmp / 'cache'}",
@@ -138,7 +130,7 @@ def test_generate_users_loads_the_sdxl_adapter(sdxl_adapter, tiny_sdxl_dir, tmp_
     from diffpref.cli import main
 
     users = tmp_path / "users.json"
-    users.write_text(json.dumps([{"user_id": "alice", "examples": _pairs(tmp_path, "alice", "red", 2, 5)}]))
+    users.write_text(json.dumps([{"user_id": "alice", "examples": _write_user_examples(tmp_path, "alice", "red", 2, 5)}]))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a star\n")
     out = tmp_path / "gen"

@@ -83,7 +83,9 @@ def test_load_pipeline_drops_the_safety_checker(tmp_path, caplog):
     """A tiny SD1.5-style folder that ships a safety checker (as SD1.5 does): plain diffusers loads it,
     load_pipeline does not, and warns once that it is off."""
     from diffusers import DiffusionPipeline
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
     from transformers import CLIPConfig, CLIPImageProcessor
 
     from diffpref.models.builders import tiny_sd15_pipeline
@@ -144,7 +146,7 @@ def test_model_typo_fails_in_one_line(tmp_path, offline):
 
 
 # ----------------------------------------------------------------------------- tensorboard, eval_prompts=0
-def _manifest(root: Path) -> Path:
+def red_over_blue_manifest(root: Path) -> Path:
     """8 pairs of world renders (the red one preferred), a JSONL manifest."""
     import numpy as np
 
@@ -174,7 +176,7 @@ def test_tensorboard_events_and_eval_prompts_zero(tmp_path, tiny_sd15_dir):
     data.mkdir()
     users = data / "users.json"
     users.write_text((Path(__file__).resolve().parents[1] / "configs" / "users" / "red_large.json").read_text())
-    cfg = TrainConfig(model=str(tiny_sd15_dir), data_path=str(_manifest(data)), output_dir=str(tmp_path / "out"),
+    cfg = TrainConfig(model=str(tiny_sd15_dir), data_path=str(red_over_blue_manifest(data)), output_dir=str(tmp_path / "out"),
                       max_train_steps=2, train_batch_size=2, lora_rank=4, checkpointing_steps=0, seed=0, threads=1,
                       cache_dir=str(tmp_path / "cache"), report_to="tensorboard", eval_world=True, eval_prompts=0,
                       eval_users=str(users))
