@@ -221,7 +221,8 @@ def test_training_batches_mirror_the_images_flip_choices_pick(sdxl, tmp_path: Pa
                                    random_flip=True)
     cfg = SimpleNamespace(train_batch_size=4, seed=3, timestep_min=0, prompt_dropout=0.0)
     accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
-    parts = SimpleNamespace(cfg=cfg, accelerator=accelerator, cache=cache, timestep_high=1000)
+    parts = SimpleNamespace(cfg=cfg, accelerator=accelerator, cache=cache, timestep_high=1000,
+                            inversion_points=None, inversion=None)  # no InPO grid here
     for step in range(3):
         mb = draw_micro_batch(parts, step)
         flips = randomness.flip_choices(step, range(4), 2, seed=3)
@@ -377,3 +378,126 @@ def test_no_usable_pairs_is_a_clear_error(sd15, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"ties\.parquet: no usable pairs.*'tie': 2"):
         build_preference_cache(sd15, data, tmp_path / "cache", progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def write_long_manifest(directory: Path, n: int = 12) -> Path:
+    """``n`` pair lines, a tie (dropped) at line 4 and a blank line at 7: chunks hold different numbers of rows."""
+    lines = []
+    for r in range(n):
+        for side in (0, 1):
+            Image.fromarray(noise_image(300 + 2 * r + side)).save(directory / f"l{r}_{side}.png")
+        lines.append(json.dumps({"prompt": f"shape {r % 3}", "image_0": f"l{r}_0.png", "image_1": f"l{r}_1.png",
+                                 "label": 0.5 if r == 4 else float(r % 2), "user_id": f"u{r % 4}"}) if r != 7 else "")
+    manifest = directory / "long.jsonl"
+    manifest.write_text("".join(line + "\n" for line in lines))
+    return manifest
+
+
+def write_ratings_db(path: Path, n: int = 9) -> Path:
+    """A rating app database: ``n`` rated pairs (one tie) and a skipped one, which is no preference row."""
+    from diffpref.app.store import RatingStore
+
+    with RatingStore(path) as store:
+        for user in ("ann", "bob"):
+            store.ensure_user(user)
+        for r in range(n + 1):
+            user = ("ann", "bob")[r % 2]
+            ids = [store.add_image(user, f"shape {r % 3}", png(noise_image(500 + 2 * r + side)), "base", r)
+                   for side in (0, 1)]
+            pair = store.add_pair(user, f"shape {r % 3}", *ids)
+            store.rate(user, pair, "skip" if r == 3 else "tie" if r == 6 else ("left", "right")[r % 2])
+    return path
+
+
+def assert_same_cache(cut: PreferenceCache, whole: PreferenceCache) -> None:
+    assert (len(cut), cut.users, cut.prompts, cut.skipped) == (len(whole), whole.users, whole.prompts, whole.skipped)
+    for i in range(len(whole)):
+        expected = whole[i]
+        assert cut[i].keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(cut[i][name], value), (i, name)
+
+
+def test_chunked_jsonl_reads_each_line_once_and_caches_what_one_read_does(sd15, tmp_path: Path, monkeypatch) -> None:
+    """Every chunk used to scan the manifest from its first line (quadratic); now the chunks' byte offsets are
+    found in one pass and each chunk seeks to its own: 2 x lines in all, whatever the number of chunks."""
+    import diffpref.data.manifest as manifest_module
+
+    manifest = write_long_manifest(tmp_path)
+    whole = build_preference_cache(sd15, manifest, tmp_path / "whole", batch_size=1, progress=False, num_workers=0)
+    assert whole.meta["chunks"]["rows"] == [10]  # one chunk: the file read from its start, as a plain read does
+    read = []
+    real_open = open
+
+    class Counting:  # the manifest file, counting the lines taken from it
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def seek(self, offset):
+            return self.handle.seek(offset)
+
+        def __iter__(self):
+            for line in self.handle:
+                read.append(line)
+                yield line
+
+    monkeypatch.setattr(manifest_module, "open", Counting, raising=False)
+    monkeypatch.setattr(layout_module, "CHUNK_ROWS", 2)  # 6 chunks
+    cut = build_preference_cache(sd15, manifest, tmp_path / "cut", batch_size=1, progress=False, num_workers=0)
+    assert cut.meta["chunks"]["rows"] == [2, 2, 1, 1, 2, 2]  # line 4 a tie, line 7 blank
+    assert len(read) == 2 * 12  # the offsets pass, then each line once (the quadratic scan read 3+5+...+12 = 47)
+    assert_same_cache(cut, whole)
+
+
+def test_chunked_ratings_db_fetches_each_rating_once_and_caches_what_one_read_does(sd15, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """Chunks of a ratings database start at their rating id (one pass over the ids finds them), so each preference
+    row (with its two images) leaves SQLite once; the quadratic scan fetched every row before the chunk too."""
+    import diffpref.data.ratings_db as ratings_db_module
+
+    data = write_ratings_db(tmp_path / "app.db")
+    whole = build_preference_cache(sd15, data, tmp_path / "whole", batch_size=1, progress=False, num_workers=0)
+    assert whole.meta["chunks"]["rows"] == [8] and whole.skipped == {"tie": 1}  # 9 preference rows, a tie dropped
+    fetched = {"with images": 0, "ids": 0}
+    connect = ratings_db_module.connect_readonly
+
+    class Rows:  # a cursor counting the rows it returns
+        def __init__(self, cursor, kind):
+            self.cursor, self.kind = cursor, kind
+
+        def __iter__(self):
+            for row in self.cursor:
+                fetched[self.kind] = fetched.get(self.kind, 0) + 1
+                yield row
+
+        def fetchone(self):
+            return next(iter(self), None)
+
+    class Counting:  # a connection whose queries count their rows
+        def __init__(self, path):
+            self.conn = connect(path)
+
+        def execute(self, sql, *params):
+            kind = "with images" if "png" in sql else "ids" if sql.startswith("SELECT rating_id") else "other"
+            return Rows(self.conn.execute(sql, *params), kind)
+
+        def close(self):
+            self.conn.close()
+
+    monkeypatch.setattr(ratings_db_module, "connect_readonly", Counting)
+    monkeypatch.setattr(layout_module, "CHUNK_ROWS", 2)  # 5 chunks
+    cut = build_preference_cache(sd15, data, tmp_path / "cut", batch_size=1, progress=False, num_workers=0)
+    assert cut.meta["chunks"]["rows"] == [2, 2, 1, 2, 1]
+    assert fetched["with images"] == 9 and fetched["ids"] == 9  # the quadratic scan fetched 3+5+7+9+9 = 33 rows with images
+    assert_same_cache(cut, whole)
+    # without the ids, a range is read from its position (OFFSET): the same rows
+    from diffpref.data import iter_ratings_db
+
+    plain = [p.source_row for p in iter_ratings_db(data, tie_policy="soft", progress=False)]
+    assert [p.source_row for p in iter_ratings_db(data, tie_policy="soft", progress=False, rows=range(3, 7))] == plain[3:7]

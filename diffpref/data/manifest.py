@@ -9,6 +9,7 @@ and its images can be moved together. Unknown keys end up in ``extras``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -43,22 +44,54 @@ def _manifest_path(path: str | os.PathLike) -> Path:
     return resolved
 
 
-def _lines(path: Path, judge: RowJudge, progress: bool | None,
-           rows: range | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def line_offsets(path: str | os.PathLike, every: int) -> list[int]:
+    """Byte offsets of lines ``0, every, 2 * every, ...`` (0-based, blank lines included), in one pass.
+
+    A reader given ``rows=range(i * every, ...)`` and ``seek=offsets[i]`` starts there instead of
+    reading the file from its start (the latent cache reads a manifest chunk by chunk)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    offsets, position = [], 0
+    with open(_manifest_path(path), "rb") as handle:
+        for number, raw in enumerate(handle):
+            if number % every == 0:
+                offsets.append(position)
+            position += len(raw)
+    return offsets
+
+
+def _lines(path: Path, judge: RowJudge, progress: bool | None, rows: range | None = None,
+           seek: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for every non-blank line; malformed lines are judged and skipped.
     ``rows`` (0-based line positions, blank lines included) keeps only those lines; the others are
-    neither parsed nor counted."""
+    neither parsed nor counted. ``seek``: the byte offset of line ``rows.start`` (``line_offsets``), so
+    the lines before it are not read at all.
+
+    Lines end at each newline byte, as ``line_offsets`` and the cache's row count cut them (the file is
+    read as bytes and each line decoded as UTF-8)."""
+    if seek is not None and rows is None:
+        raise ValueError("seek is the byte offset of line rows.start: pass rows too")
     total = None
     if progress is not False:
         # Counting lines is cheap next to decoding their images, and lets the bar show an ETA.
         with open(path, "rb") as raw:
             total = sum(1 for _ in raw)
-    with open(path, encoding="utf-8") as handle, progress_bar(total, progress, desc=path.name) as bar:
-        for number, text in enumerate(handle, start=1):
+    first = 0
+    with open(path, "rb") as handle, progress_bar(total, progress, desc=path.name) as bar:
+        if seek is not None:
+            handle.seek(seek)
+            first = rows.start
+            bar.update(first)
+        # Past the range the rest of the file is not read, not even the next line.
+        lines = handle if rows is None else itertools.islice(handle, max(rows.stop - first, 0))
+        for number, raw in enumerate(lines, start=first + 1):
             bar.update(1)
             if rows is not None and number - 1 not in rows:
-                if number - 1 >= rows.stop:
-                    break  # past the range: the rest of the file is not read
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                judge.skip(number, "malformed_line", f"not UTF-8 text: {exc}")
                 continue
             if not text.strip():
                 continue  # blank lines (often a trailing newline) are not rows
@@ -119,23 +152,24 @@ def iter_jsonl_manifest(
     progress: bool | None = None,
     stats: LoadStats | None = None,
     rows: range | None = None,
+    seek: int | None = None,
 ) -> Iterator[PreferencePair]:
     """Stream usable pairs from a JSONL pair manifest; see ``read_jsonl_manifest``.
 
     Arguments are checked at once; the lines are read as the iterator is consumed. ``rows``
-    (0-based line positions) reads only those lines.
+    (0-based line positions) reads only those lines; ``seek`` (from ``line_offsets``) starts there.
     """
     check_tie_policy(tie_policy)
     path = _manifest_path(path)
     if stats is None:
         stats = LoadStats(source=str(path))
     judge = RowJudge(stats, strict, source=str(path), unit="line")
-    return _stream_pairs(path, tie_policy, judge, max_pixels, limit, progress, rows)
+    return _stream_pairs(path, tie_policy, judge, max_pixels, limit, progress, rows, seek)
 
 
 def _stream_pairs(
     path: Path, tie_policy: str, judge: RowJudge, max_pixels: int | None, limit: int | None, progress: bool | None,
-    rows: range | None = None,
+    rows: range | None = None, seek: int | None = None,
 ) -> Iterator[PreferencePair]:
     """The generator behind ``iter_jsonl_manifest``."""
     stats = judge.stats
@@ -143,7 +177,7 @@ def _stream_pairs(
     yielded = 0
     if limit is not None and limit <= 0:
         return
-    for number, record in _lines(path, judge, progress, rows):
+    for number, record in _lines(path, judge, progress, rows, seek):
         if "image" in record and "image_0" not in record and "image_1" not in record:
             raise _wrong_kind(path, number, "single-image rating", "read_jsonl_ratings")
         prompt = _prompt(record, number, judge)
@@ -221,25 +255,26 @@ def iter_jsonl_ratings(
     progress: bool | None = None,
     stats: LoadStats | None = None,
     rows: range | None = None,
+    seek: int | None = None,
 ) -> Iterator[ImageRating]:
     """Stream usable ratings from a JSONL ratings manifest; see ``read_jsonl_ratings``. ``rows``
-    (0-based line positions) reads only those lines."""
+    (0-based line positions) reads only those lines; ``seek`` (from ``line_offsets``) starts there."""
     path = _manifest_path(path)
     if stats is None:
         stats = LoadStats(source=str(path))
     return _stream_ratings(path, RowJudge(stats, strict, source=str(path), unit="line"), max_pixels, limit, progress,
-                           rows)
+                           rows, seek)
 
 
 def _stream_ratings(
     path: Path, judge: RowJudge, max_pixels: int | None, limit: int | None, progress: bool | None,
-    rows: range | None = None,
+    rows: range | None = None, seek: int | None = None,
 ) -> Iterator[ImageRating]:
     """The generator behind ``iter_jsonl_ratings``."""
     yielded = 0
     if limit is not None and limit <= 0:
         return
-    for number, record in _lines(path, judge, progress, rows):
+    for number, record in _lines(path, judge, progress, rows, seek):
         if "image" not in record and ("image_0" in record or "image_1" in record):
             raise _wrong_kind(path, number, "preference pair", "read_jsonl_manifest")
         prompt = _prompt(record, number, judge)

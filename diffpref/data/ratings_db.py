@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS likes (
 
 # Every rating that is a preference (skips are no judgement and never leave the database),
 # with both images, oldest first. Shared with the store's Pick-a-Pic export.
-PREFERENCE_ROWS_SQL = """
+_PREFERENCE_SELECT = """
 SELECT r.rating_id, r.pair_id, r.user_id, r.choice, r.label, r.created_at, p.prompt,
        p.image_0, i0.png, i0.model, p.image_1, i1.png, i1.model
 FROM ratings r
@@ -96,8 +96,13 @@ JOIN pairs p ON p.pair_id = r.pair_id
 JOIN images i0 ON i0.image_id = p.image_0
 JOIN images i1 ON i1.image_id = p.image_1
 WHERE r.choice != 'skip'
-ORDER BY r.rating_id
 """
+PREFERENCE_ROWS_SQL = _PREFERENCE_SELECT + "ORDER BY r.rating_id\n"
+# A run of them: from a position (OFFSET: SQLite steps over the rows before it, without reading
+# their images) or from a rating id (rating_id is the rowid: a B-tree seek, nothing stepped over).
+_ROWS_FROM_POSITION_SQL = PREFERENCE_ROWS_SQL + "LIMIT ? OFFSET ?\n"
+_ROWS_FROM_ID_SQL = _PREFERENCE_SELECT + "AND r.rating_id >= ? ORDER BY r.rating_id LIMIT ?\n"
+_PREFERENCE_IDS_SQL = "SELECT rating_id FROM ratings WHERE choice != 'skip' ORDER BY rating_id"
 PREFERENCE_COUNT_SQL = "SELECT COUNT(*) FROM ratings WHERE choice != 'skip'"
 
 
@@ -128,6 +133,22 @@ def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
     return conn
 
 
+def preference_row_ids(path: str | os.PathLike, every: int) -> list[int]:
+    """The rating ids at positions ``0, every, 2 * every, ...`` of the preference rows (oldest first),
+    in one pass over the ratings table (ids only, no image is read).
+
+    A reader given ``rows=range(i * every, ...)`` and ``seek=ids[i]`` starts at that rating by the
+    primary key instead of stepping over the rows before it (the latent cache reads chunk by chunk)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    conn = connect_readonly(path)
+    try:
+        return [rating_id for position, (rating_id,) in enumerate(conn.execute(_PREFERENCE_IDS_SQL))
+                if position % every == 0]
+    finally:
+        conn.close()
+
+
 def iter_ratings_db(
     path: str | os.PathLike,
     tie_policy: str = "drop",
@@ -137,18 +158,22 @@ def iter_ratings_db(
     progress: bool | None = None,
     stats: LoadStats | None = None,
     rows: range | None = None,
+    seek: int | None = None,
 ) -> Iterator[PreferencePair]:
     """Stream usable pairs from a ratings database; see ``read_ratings_db``. ``rows`` (0-based
-    positions of the ratings, oldest first) reads only those.
+    positions of the ratings, oldest first) reads only those; ``seek``, the rating id at position
+    ``rows.start`` (``preference_row_ids``), finds it by the primary key.
 
     The path, the schema and the tie policy are checked at once; rows are read as the
     iterator is consumed, all from one snapshot of the database (writers go on meanwhile).
     """
     check_tie_policy(tie_policy)
+    if seek is not None and rows is None:
+        raise ValueError("seek is the rating id at position rows.start: pass rows too")
     conn = connect_readonly(path)
     if stats is None:
         stats = LoadStats(source=os.fspath(path))
-    return _stream(conn, os.fspath(path), tie_policy, strict, max_pixels, limit, progress, stats, rows)
+    return _stream(conn, os.fspath(path), tie_policy, strict, max_pixels, limit, progress, stats, rows, seek)
 
 
 def _stream(
@@ -161,6 +186,7 @@ def _stream(
     progress: bool | None,
     stats: LoadStats,
     rows: range | None = None,
+    seek: int | None = None,
 ) -> Iterator[PreferencePair]:
     """The generator behind ``iter_ratings_db``; closes the connection however it ends."""
     judge = RowJudge(stats, strict, source=source, unit="rating")
@@ -168,14 +194,18 @@ def _stream(
     try:
         if limit is not None and limit <= 0:
             return
-        total = conn.execute(PREFERENCE_COUNT_SQL).fetchone()[0]
+        if rows is None:
+            total = conn.execute(PREFERENCE_COUNT_SQL).fetchone()[0]
+            cursor = conn.execute(PREFERENCE_ROWS_SQL)
+        else:  # only the rows asked for leave SQLite (reading from the start per range was quadratic)
+            total = len(rows)
+            if rows.step != 1:
+                raise ValueError(f"rows must be a contiguous range, got {rows}")
+            cursor = conn.execute(_ROWS_FROM_POSITION_SQL, (len(rows), rows.start)) if seek is None else \
+                conn.execute(_ROWS_FROM_ID_SQL, (seek, len(rows)))
         with progress_bar(total, progress, desc="ratings-db") as bar:
             # One statement: SQLite keeps its read snapshot until the cursor is exhausted.
-            for position, row in enumerate(conn.execute(PREFERENCE_ROWS_SQL)):
-                if rows is not None and position not in rows:
-                    if position >= rows.stop:
-                        break  # past the range
-                    continue
+            for row in cursor:
                 stats.rows += 1
                 bar.update(1)
                 pair = _row_to_pair(row, source, judge, tie_policy, max_pixels)

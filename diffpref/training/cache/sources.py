@@ -2,7 +2,10 @@
 
 A chunk is a run of consecutive source rows (parquet rows over all files in order, JSONL
 lines, ratings of a database oldest first; ``layout.CHUNK_ROWS``). Each chunk is read with the ordinary readers
-(``rows=``), so skips, ties and labels are exactly what a plain read gives, and decoded into
+(``rows=``), so skips, ties and labels are exactly what a plain read gives. Reading is linear in the
+source: parquet finds a chunk's row groups from the footer, and for JSONL / a ratings database
+``chunk_seeks`` finds where every chunk starts in one pass (byte offsets / rating ids), so no chunk
+is read by scanning from the start of the file. Chunks are decoded into
 what the encoders take: uint8 pixels already resized and centre-cropped, plus each image's
 original size and crop (SDXL's time ids) and, for flips, the crop of the mirrored image.
 """
@@ -71,35 +74,78 @@ def rank_chunks(chunks: int, rank: int, world_size: int) -> range:
     return range(rank * chunks // world_size, (rank + 1) * chunks // world_size)
 
 
+def chunk_seeks(data_path: PairSource) -> list[int]:
+    """Where each chunk starts, found in one pass over the source: the byte offset of its first line (JSONL)
+    or the rating id of its first rating (ratings database); [] for parquet (its footer has the row groups)."""
+    from diffpref.data.manifest import line_offsets
+    from diffpref.data.ratings_db import preference_row_ids
+    from diffpref.data.readers import RATINGS_DB_SUFFIXES
+
+    if isinstance(data_path, (str, os.PathLike)):
+        suffix = Path(data_path).suffix.lower()
+        if suffix == ".jsonl":
+            return line_offsets(data_path, _layout.CHUNK_ROWS)
+        if suffix in RATINGS_DB_SUFFIXES:
+            return preference_row_ids(data_path, _layout.CHUNK_ROWS)
+    return []
+
+
+def chunk_source_rows(chunk: int) -> range:
+    return range(chunk * _layout.CHUNK_ROWS, (chunk + 1) * _layout.CHUNK_ROWS)
+
+
+def _seek_of(seeks: list[int], chunk: int) -> dict[str, int]:
+    """The reader argument that starts chunk ``chunk`` where it is (none for parquet or past the end)."""
+    return {"seek": seeks[chunk]} if chunk < len(seeks) else {}
+
+
+def iter_chunk_pairs(data_path: PairSource, chunk: int, seeks: list[int], tie_policy: str,
+                     stats: LoadStats | None = None) -> Iterable:
+    """The usable pairs of chunk ``chunk`` (``seeks`` from ``chunk_seeks``), as a plain read gives them."""
+    return iter_preferences(data_path, stats=stats, tie_policy=tie_policy, progress=False,
+                            rows=chunk_source_rows(chunk), **_seek_of(seeks, chunk))
+
+
 class ChunkReader(Dataset):
-    """Item ``i``: chunk ``chunks[i]`` decoded (see ``decode``); picklable, so DataLoader workers decode."""
+    """Item ``i``: chunk ``chunks[i]`` decoded (see ``decode``); picklable, so DataLoader workers decode.
+    Setting ``chunks`` finds where they start in the source (``chunk_seeks``) once, before workers fork."""
 
     def __init__(self, data_path: PairSource, chunks: list[int], layout: Layout, resolution: int,
                  tie_policy: str, from_pairs: bool, flip: bool) -> None:
-        self.data_path, self.chunks, self.layout = data_path, list(chunks), layout
+        self.data_path, self.layout = data_path, layout
         self.resolution, self.tie_policy, self.from_pairs, self.flip = resolution, tie_policy, from_pairs, flip
+        self.seeks: list[int] = []
+        self.chunks = chunks
+
+    @property
+    def chunks(self) -> list[int]:
+        return self._chunks
+
+    @chunks.setter
+    def chunks(self, chunks: list[int]) -> None:
+        self._chunks = list(chunks)
+        if self._chunks and not self.seeks:
+            self.seeks = chunk_seeks(self.data_path)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         chunk = self.chunks[index]
-        rows = range(chunk * _layout.CHUNK_ROWS, (chunk + 1) * _layout.CHUNK_ROWS)
         stats = LoadStats(source=describe(self.data_path))
-        return {"chunk": chunk, **self.decode(self._records(rows, stats)), "report": _report(stats)}
+        return {"chunk": chunk, **self.decode(self._records(chunk, stats)), "report": _report(stats)}
 
-    def _records(self, rows: range, stats: LoadStats) -> Iterable[tuple[list, str, str, dict[str, float]]]:
-        """(images, prompt, user, values) of every usable row of ``rows``, in source order."""
+    def _records(self, chunk: int, stats: LoadStats) -> Iterable[tuple[list, str, str, dict[str, float]]]:
+        """(images, prompt, user, values) of every usable row of chunk ``chunk``, in source order."""
         if self.layout is PAIRS:
-            pairs = iter_preferences(self.data_path, stats=stats, tie_policy=self.tie_policy, progress=False,
-                                     rows=rows)
+            pairs = iter_chunk_pairs(self.data_path, chunk, self.seeks, self.tie_policy, stats)
             return (([p.image_0, p.image_1], p.prompt, p.user_id, {"label": p.label}) for p in pairs)
         if self.from_pairs:
-            pairs = iter_preferences(self.data_path, stats=stats, tie_policy=self.tie_policy, progress=False,
-                                     rows=rows)
+            pairs = iter_chunk_pairs(self.data_path, chunk, self.seeks, self.tie_policy, stats)
             ratings: Iterable = (r for pair in pairs for r in pairs_to_ratings([pair]))
         else:
-            ratings = iter_jsonl_ratings(self.data_path, stats=stats, progress=False, rows=rows)
+            ratings = iter_jsonl_ratings(self.data_path, stats=stats, progress=False, rows=chunk_source_rows(chunk),
+                                         **_seek_of(self.seeks, chunk))
         return (([r.image], r.prompt, r.user_id, {"liked": float(r.liked)}) for r in ratings)
 
     def decode(self, records: Iterable[tuple[list, str, str, dict[str, float]]]) -> dict[str, Any]:
