@@ -244,6 +244,51 @@ def test_context_sets_are_sharded_across_processes_and_cached(tmp_path, tiny_sd1
     torch.testing.assert_close(build_vlm_context_bank(cache, backbone, cfg, _Rank(0, 1), progress=False).features, one.features)
 
 
+def test_context_bank_reads_each_needed_row_once_not_the_whole_data_per_pass(tmp_path, tiny_sd15_dir, manifest, vlm_dir,
+                                                                              monkeypatch):
+    """The bank used to re-read the whole data for every group of PAIRS_PER_PASS pairs (and once before): images
+    decoded, counted here at the reader, are now one read of the data, plus each group's own chunks only when
+    the images do not fit in memory; the features are those of the sets embedded directly."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    import diffpref.data.manifest as manifest_module
+    import diffpref.training.cache.layout as layout_module
+    from diffpref.data import read_jsonl_manifest
+    from diffpref.personalize import vlm_context
+    from diffpref.personalize.vlm_context import build_vlm_context_bank
+    from diffpref.training.cache import build_preference_cache
+
+    monkeypatch.setattr(layout_module, "CHUNK_ROWS", 3)  # chunk u holds user u's 3 pairs
+    cache = build_preference_cache(StableDiffusionPipeline.from_pretrained(tiny_sd15_dir), str(manifest),
+                                   tmp_path / "cache", progress=False, num_workers=0)
+    assert cache.meta["chunks"]["rows"] == [3, 3]
+    decoded = []
+    decode = manifest_module.decode_image
+    monkeypatch.setattr(manifest_module, "decode_image", lambda *a, **k: decoded.append(a[0]) or decode(*a, **k))
+    cfg = _cfg(tmp_path, tiny_sd15_dir, manifest, vlm_dir)
+    backbone = VLMBackbone.from_pretrained(vlm_dir, max_new_tokens=2, image_size=32)
+    banks = {}
+    for per_pass, images in ((2048, 12), (3, 24)):  # 3: a group per user, reading its own chunk (was 12 + 2 x 12)
+        monkeypatch.setattr(vlm_context, "PAIRS_PER_PASS", per_pass)
+        decoded.clear()
+        banks[per_pass] = build_vlm_context_bank(cache, backbone, cfg, _Rank(0, 1), progress=False)
+        assert len(decoded) == images, per_pass
+        assert len(set(decoded)) == 12  # every image of the 6 pairs
+        shutil.rmtree(next(Path(cache.path).glob("vlm-context-*")))
+    pairs = read_jsonl_manifest(manifest).pairs
+    bank = banks[2048]
+    for s in range(len(bank.set_user)):
+        rows = [r for r in bank.set_rows[s].tolist() if r >= 0]
+        examples = [UserExample(pairs[r].prompt, *((pairs[r].image_0, pairs[r].image_1) if pairs[r].label >= 0.5
+                                                   else (pairs[r].image_1, pairs[r].image_0))) for r in rows]
+        assert all(int(bank.user_index[r]) == int(bank.set_user[s]) for r in rows)
+        assert torch.equal(bank.features[s], backbone.embed_examples(examples)[0].to(torch.bfloat16)), s
+    for name in ("features", "set_user", "set_rows", "user_index"):
+        assert torch.equal(getattr(banks[3], name), getattr(bank, name)), name
+
+
 @pytest.mark.slow
 def test_two_processes_build_the_one_process_context_bank(tmp_path, manifest, vlm_dir):
     """torchrun, 2 gloo processes: each embeds its users' sets (3 of 6), and the merged bank equals one process's."""

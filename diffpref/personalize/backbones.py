@@ -255,14 +255,16 @@ class VLMBackbone:
         body = "".join(VLM_EXAMPLE.format(prompt=ex.prompt, image=self.image_token) for ex in examples)
         return f"{VLM_INTRO}\n{body}{VLM_QUESTION}\n"
 
-    def _image(self, image) -> Image.Image:
+    def prepare_image(self, image) -> Image.Image:
+        """The image as the processor gets it (PIL, resized to ``image_size``); a prepared image passes unchanged,
+        so callers may prepare (shrink) images they hold before ``embed_examples``."""
         image = to_pil(image)
         if self.image_size and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
         return image
 
     def _inputs(self, examples: Sequence[UserExample]):
-        images = [self._image(im) for ex in examples for im in (ex.preferred, ex.rejected)]
+        images = [self.prepare_image(im) for ex in examples for im in (ex.preferred, ex.rejected)]
         return self.processor(text=[self.build_prompt(examples)], images=images, return_tensors="pt")
 
     def prompt_length(self, examples: Sequence[UserExample]) -> int:

@@ -12,10 +12,16 @@ so the head sees a "set" of one summary row. Set ``j`` of a user leaves out the 
 ``j mod n`` on purpose, so with ``ppd_vlm_subsets >= n`` every pair has a set; a pair with none
 (its user has < 2 base-image pairs, or fewer sets than pairs and all of them hold it) trains
 without a user, counted in ``skip_message``.
+
+Reading: the data is read once, chunk by chunk as the latent cache was built, for each row's user and
+whether it may be context; a process keeps the (VLM-sized) images of its users' rows from that read
+when they fit ``PAIRS_PER_PASS`` pairs. Otherwise the sets are embedded in groups that fit, and each
+group reads only the chunks that hold its rows (``sources.chunk_seeks``: no scan from the start).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,12 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffpref.data import iter_preferences
 from diffpref.personalize.backbones import UserExample
 from diffpref.personalize.context import is_policy_model
+from diffpref.training.cache import layout as _layout
+from diffpref.training.cache.sources import chunk_seeks, iter_chunk_pairs, num_chunks
 
-# Pairs whose (resized) images are held in memory at once while sets are embedded; more needed
-# pairs mean more passes over the data, never more memory.
+# Pairs whose (prepared) images are held in memory at once while sets are embedded; more needed
+# pairs mean more groups, each reading only the chunks of the data that hold its rows, never more memory.
 PAIRS_PER_PASS = 2048
 
 
@@ -121,6 +128,43 @@ def _settings_key(backbone, cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _example(pair, backbone) -> UserExample:
+    """The pair as a few-shot example (preferred image first), its images prepared for the VLM."""
+    first, second = (pair.image_0, pair.image_1) if pair.label >= 0.5 else (pair.image_1, pair.image_0)
+    return UserExample(pair.prompt, backbone.prepare_image(first), backbone.prepare_image(second))
+
+
+class _CacheRows:
+    """The latent cache's rows read back from its data, chunk by chunk, as the cache builder read them: chunk
+    ``c`` holds cache rows ``starts[c] : starts[c] + counts[c]``; ``chunk_seeks`` lets a chunk be read alone."""
+
+    def __init__(self, cache, cfg):
+        self.data_path, self.tie_policy = cfg.data_path, cfg.tie_policy
+        self.counts = list(cache.meta["chunks"]["rows"])
+        chunk_rows = cache.meta["key_material"].get("chunk_rows")
+        if chunk_rows != _layout.CHUNK_ROWS or len(self.counts) != num_chunks(self.data_path):
+            raise RuntimeError(f"{cache.path} was cut into chunks of {chunk_rows} rows ({len(self.counts)} chunks) but "
+                               f"{self.data_path} now gives {num_chunks(self.data_path)} of {_layout.CHUNK_ROWS}: the data "
+                               "changed since the cache was built; delete the cache and rerun")
+        self.starts = [0]
+        for count in self.counts:
+            self.starts.append(self.starts[-1] + count)
+        self.seeks = chunk_seeks(self.data_path)
+
+    def chunks_of(self, rows) -> list[int]:
+        return sorted({bisect.bisect_right(self.starts, row) - 1 for row in rows})
+
+    def pairs(self, chunks):
+        """(cache row, pair) of every row of ``chunks`` (ascending), each chunk read once from where it starts."""
+        for chunk in chunks:
+            pairs = list(iter_chunk_pairs(self.data_path, chunk, self.seeks, self.tie_policy))
+            if len(pairs) != self.counts[chunk]:
+                raise RuntimeError(f"{self.data_path}: chunk {chunk} gives {len(pairs)} pairs but the latent cache "
+                                   f"holds {self.counts[chunk]}: the data changed since the cache was built; delete "
+                                   "the cache and rerun")
+            yield from enumerate(pairs, start=self.starts[chunk])
+
+
 def build_vlm_context_bank(cache, backbone, cfg, accelerator, progress: bool = True) -> VLMContextBank:
     """The precomputed context sets of every user (all processes call this: each embeds its share)."""
     folder = Path(cache.path) / f"vlm-context-{_settings_key(backbone, cfg)}"
@@ -128,36 +172,39 @@ def build_vlm_context_bank(cache, backbone, cfg, accelerator, progress: bool = T
     if final.exists():
         return VLMContextBank.load(final)
     folder.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    source = _CacheRows(cache, cfg)
     users = {u: i for i, u in enumerate(cache.users)}
-    # pass 1: who owns each row, and which rows may be context (no images kept)
-    user_index, context_ok, labels = [], [], []
-    for pair in iter_preferences(cfg.data_path, tie_policy=cfg.tie_policy, progress=False):
-        user_index.append(users[pair.user_id])
-        context_ok.append(not any(is_policy_model(pair.extras.get(k)) for k in ("model_0", "model_1")))
-        labels.append(pair.label)
-    if len(user_index) != len(cache):
-        raise RuntimeError(f"the data has {len(user_index)} pairs but the latent cache {len(cache)}: the data changed "
-                           "while training started; delete the cache and rerun")
+    # One read of the data for who owns each row and which rows may be context; the images of this
+    # process's users are kept (prepared, i.e. shrunk for the VLM) while they fit PAIRS_PER_PASS pairs.
+    user_index, context_ok, held = [], [], {}
+    for row, pair in source.pairs(range(len(source.counts))):
+        user = users[pair.user_id]
+        ok = not any(is_policy_model(pair.extras.get(k)) for k in ("model_0", "model_1"))
+        user_index.append(user)
+        context_ok.append(ok)
+        if ok and held is not None and user % world == rank:
+            held[row] = _example(pair, backbone)
+            if len(held) > PAIRS_PER_PASS:
+                held = None  # too many: each group of sets reads its own rows below
     user_index, context_ok = torch.tensor(user_index, dtype=torch.long), torch.tensor(context_ok, dtype=torch.bool)
     sets = sample_context_sets(user_index, context_ok, cfg.ppd_vlm_subsets, cfg.ppd_shots_min, cfg.ppd_shots_max, cfg.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
     mine = [s for s, (user, _) in enumerate(sets) if user % world == rank]
 
     features, used = {}, {}
     bar = tqdm(total=len(mine), desc="embed VLM context sets", disable=not progress, dynamic_ncols=True)
     start = 0
-    while start < len(mine):  # passes over the data, each holding at most PAIRS_PER_PASS pairs' images
+    while start < len(mine):  # groups of sets whose rows' images fit in PAIRS_PER_PASS pairs
         chunk, needed = [], set()
         while start < len(mine) and (not chunk or len(needed | set(sets[mine[start]][1])) <= PAIRS_PER_PASS):
             chunk.append(mine[start])
             needed |= set(sets[mine[start]][1])
             start += 1
-        held = {}
-        for row, pair in enumerate(iter_preferences(cfg.data_path, tie_policy=cfg.tie_policy, progress=False)):
-            if row in needed:
-                first = labels[row] >= 0.5
-                held[row] = UserExample(pair.prompt, *(backbone._image(im) for im in (
-                    (pair.image_0, pair.image_1) if first else (pair.image_1, pair.image_0))))
+        if held is None or not needed <= held.keys():
+            # only the source chunks that hold these rows, each read once (a user's sets are consecutive, so
+            # a row is read by at most the groups its user's sets fall in, not once per group)
+            held = {row: _example(pair, backbone) for row, pair in source.pairs(source.chunks_of(needed))
+                    if row in needed}
         for s in chunk:
             rows = sets[s][1]
             features[s] = backbone.embed_examples([held[r] for r in rows])[0].cpu()
