@@ -16,6 +16,8 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
         "few_shot_ceiling_win_rate": 0.85, "per_user": {}}))
     (results / "ppd_eval" / "seen_k4.json").write_text(json.dumps({  # written before the ceiling was reported
         "win_rate_vs_base": 0.75, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": 0.6, "per_user": {}}))
+    (results / "ppd_eval" / "unseen_k4_full.json").write_text(json.dumps({  # no user had held-out pairs to rank
+        "win_rate_vs_base": 0.72, "adherence": 0.9, "base_adherence": 0.9, "ranking_accuracy": None, "per_user": {}}))
     for k, rate in ((4, 0.6), (32, 0.65)):
         (results / "ppd_eval" / f"unseen_k{k}_p60.json").write_text(json.dumps({
             "win_rate_vs_base": rate, "per_user": {"u0": {"win_rate": rate - 0.1}, "u1": {"win_rate": rate + 0.1}}}))
@@ -41,6 +43,7 @@ def test_report_renders_what_exists_and_marks_what_is_missing(tmp_path, capsys):
     assert "| inpo | red_large | missing |" in text
     assert "| unseen | 4 | 0.700 | 0.900 | 0.900 | 0.600 | 0.900 | 0.850 |" in text and "monotonic: True" in text
     assert "| seen | 4 | 0.750 | 0.900 | 0.900 | 0.600 | - | - |" in text
+    assert "| unseen (200 prompts) | 4 | 0.720 | 0.900 | 0.900 | n/a | - | - |" in text
     assert "| u0 | 0.520 | 0.500 | 0.550 | +0.020 |" in text and "| **mean** | 0.660 | 0.600 | 0.650 | +0.060 |" in text
     assert "- `max_train_steps=900 eval_every=300`: mean win rate 0.660 at step 300, 0.700 at step 900;" in text
     assert "| 8 | 0.740 | 0.580 |" in text and "active pairs reach it after 3 ratings" in text

@@ -106,6 +106,12 @@ def _ceiling(result: dict, key: str = "ceiling_win_rate") -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _rate(value: float | None) -> str:
+    """A rate, or "n/a" where the eval had nothing to measure it on (ppd_eval's ranking_accuracy is None
+    when no user has held-out pairs)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def ppd_section(results: Path, out: Path) -> list[str]:
     ev = results / "ppd_eval"
     lines = ["## PPD: one model, personalized from K of a user's choices", "",
@@ -123,12 +129,12 @@ def ppd_section(results: Path, out: Path) -> list[str]:
                 series.setdefault((f"{group} users: ceiling from K choices", "--"), []).append(
                     (k, r["few_shot_ceiling_win_rate"]))
             lines.append(f"| {group} | {k} | {r['win_rate_vs_base']:.3f} | {r['adherence']:.3f} | "
-                         f"{r['base_adherence']:.3f} | {r['ranking_accuracy']:.3f} | {_ceiling(r)} | "
+                         f"{r['base_adherence']:.3f} | {_rate(r['ranking_accuracy'])} | {_ceiling(r)} | "
                          f"{_ceiling(r, 'few_shot_ceiling_win_rate')} |")
     full = _read(ev / "unseen_k4_full.json")
     if full:
         lines.append(f"| unseen (200 prompts) | 4 | {full['win_rate_vs_base']:.3f} | {full['adherence']:.3f} | "
-                     f"{full['base_adherence']:.3f} | {full['ranking_accuracy']:.3f} | {_ceiling(full)} | "
+                     f"{full['base_adherence']:.3f} | {_rate(full['ranking_accuracy'])} | {_ceiling(full)} | "
                      f"{_ceiling(full, 'few_shot_ceiling_win_rate')} |")
 
     def draw(ax):
