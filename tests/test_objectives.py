@@ -29,7 +29,7 @@ TIMESTEPS = (700, 1000)  # trained on [700, 1000)
 EVAL_TIMESTEPS = (750, 850, 950)
 # Per objective: betas for this fixture's error gaps (~1e-2, where SD's are ~1e-3); SFT, whose signal is the
 # weakest (it never sees a rejected image), gets more images per step.
-SETTINGS = {"dpo": dict(beta=500.0), "inpo": dict(beta=500.0, inversion_steps=2), "kto": dict(beta=50.0),
+SETTINGS = {"dpo": dict(beta=500.0), "inpo": dict(beta=500.0, inversion_steps=10), "kto": dict(beta=50.0),
             "mapo": dict(beta=0.1), "sft": dict(learning_rate=5e-3, train_batch_size=16)}
 MARGIN = 1e-3  # measured (seeded): 4.5e-3 (SFT) to 4.5e-2 (DPO); flipped: -3.7e-3 (SFT) to -1.1e-1 (InPO)
 
@@ -97,7 +97,7 @@ def flipped(name: str) -> str:
         return base.fn(x)
 
     register_objective(f"{name}_flipped", fn, default_beta=base.default_beta, data=base.data,
-                       uses_reference=base.uses_reference)
+                       uses_reference=base.uses_reference, inverts=base.inverts)
     return f"{name}_flipped"
 
 

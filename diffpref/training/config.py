@@ -59,7 +59,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw | adamw8bit (bitsandbytes, GPU) | adafactor (transformers; the official SDXL recipe: lr from the config, no relative step)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward"})
-    inversion_steps: int = field(default=10, metadata={"help": "InPO: DDIM inversion steps from x0 to t"})
+    inversion_steps: int = field(default=10, metadata={"help": "InPO: points K of the fixed inversion grid round(linspace(0, timestep_max - 1, K + 1))[1:] (10: 100, 200, ..., 999, the public code's grid); every training t is one of them, and x_t is the DDIM inversion of x0 along the grid up to t"})
+    inversion_cache: bool = field(default=True, metadata={"help": "InPO with the frozen reference and inversion_eta 0: invert every image along the grid once before training (K passes per image, K x 2 fp16 latents per pair on disk beside the latent cache) and read x_t from there, so a step costs a DPO step. false: invert every step (up to K passes); pays only below about one epoch, see docs/training.md"})
     inversion_eta: float = field(default=0.0, metadata={"help": "InPO: stochasticity of the inversion (0 = DDIM)"})
     inversion_model: str = field(default="reference", metadata={"help": "InPO: which model inverts x0 to x_t: reference | policy"})
     kto_desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of liked images"})
@@ -152,6 +153,13 @@ class TrainConfig:
         if not self.data_path:
             raise ValueError("data_path is empty: point it at a Pick-a-Pic parquet or a JSONL manifest "
                              "(for the embedded world: `diffpref world make-data --out data/world ...`)")
+
+    @property
+    def caches_inversion(self) -> bool:
+        """Whether InPO's x_t comes from the inversion cache: only a frozen, deterministic inversion is cacheable
+        (inversion_model=policy follows the trained weights; inversion_eta > 0 draws fresh noise every step)."""
+        return (get_objective(self.method).inverts and self.inversion_cache and self.inversion_model == "reference"
+                and self.inversion_eta == 0.0)
 
     @property
     def uses_reference(self) -> bool:

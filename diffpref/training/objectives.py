@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from diffpref import losses
-from diffpref.inversion import ddim_invert
+from diffpref.inversion import ddim_invert, fixed_grid, grid_prefix, implied_noise
 from diffpref.training.conditioning import image_cond, pair_cond, preferred_cond
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -103,17 +103,18 @@ class Objective:
     default_beta: float
     data: str = "pairs"                     # what the cache holds: "pairs" or "ratings" (single liked/disliked images)
     uses_reference: bool = True             # whether fn reads x.reference (a frozen copy or the adapters-off pass)
+    inverts: bool = False                   # InPO-like: t on the inversion grid, x_t read from the inversion cache
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
 def register_objective(name: str, fn: Callable[[ObjectiveInputs], ObjectiveOutput], *, default_beta: float,
-                       data: str = "pairs", uses_reference: bool = True) -> Objective:
+                       data: str = "pairs", uses_reference: bool = True, inverts: bool = False) -> Objective:
     """Make ``method: <name>`` train ``fn``; returns the entry. Re-registering a name replaces it."""
     if data not in DATA_KINDS:
         raise ValueError(f"data={data!r}: an objective trains on one of {', '.join(DATA_KINDS)}")
-    OBJECTIVES[name] = Objective(name, fn, float(default_beta), data, uses_reference)
+    OBJECTIVES[name] = Objective(name, fn, float(default_beta), data, uses_reference, inverts)
     return OBJECTIVES[name]
 
 
@@ -161,19 +162,45 @@ def _forward_noised(x: ObjectiveInputs) -> _Pairs:
     return _Pairs(x0, x.schedule.add_noise(x0, eps, t2), t2, pair_cond(x.batch), x.schedule.target(x0, eps, t2))
 
 
+def inversion_points(cfg, num_train_timesteps: int) -> torch.Tensor:
+    """InPO's inversion grid [K] over [0, timestep_max) (``inversion.fixed_grid``): the path every inversion
+    walks; the training timesteps are its points at or above timestep_min (``trainable_points``)."""
+    high = num_train_timesteps if cfg.timestep_max is None else cfg.timestep_max
+    points = fixed_grid(cfg.inversion_steps, high)
+    if not bool((points >= cfg.timestep_min).any()):
+        raise ValueError(f"no point of the {cfg.inversion_steps}-step inversion grid {points.tolist()} lies at or above "
+                         f"timestep_min={cfg.timestep_min}; raise inversion_steps or lower timestep_min")
+    return points
+
+
 def _inverted(x: ObjectiveInputs) -> _Pairs:
-    """DDIM-InPO's latents: x_t is the DDIM inversion of x0, so it really maps back to x0; its implied
-    noise eps* is the regression target. Inverting with the frozen reference keeps (x_t, eps*) fixed per
-    image; inverting with the policy makes the target follow the policy, which lets the loss fall by
-    moving the reference's error instead."""
+    """DDIM-InPO's latents: x_t is the DDIM inversion of x0 along the fixed grid up to t, so it really maps
+    back to x0; its implied noise eps* is the regression target. Inverting with the frozen reference keeps
+    (x_t, eps*) fixed per image, so the trainer reads x_t from the inversion cache (batch ``inverted_0``,
+    ``inverted_1``, built by ``training.cache.inversion``); inverting with the policy makes the target
+    follow the policy, which lets the loss fall by moving the reference's error instead, and runs every step.
+    Both invert with the image's own prompt, also when prompt dropout trains the sample without it: the
+    cached trajectory is one per image, and eps* only needs an x_t that maps back to x0."""
     x0 = torch.cat([x.batch["latents_0"], x.batch["latents_1"]])
     t2, cond2 = torch.cat([x.t, x.t]), pair_cond(x.batch)
-    inverter = x.reference if x.cfg.inversion_model == "reference" else x.policy
-    with torch.no_grad():
-        inv = ddim_invert(lambda z, s: x.schedule.eps_from_output(inverter(z, s, cond2), z, s), x0, t2,
-                          x.schedule.alphas_cumprod, num_steps=x.cfg.inversion_steps, eta=x.cfg.inversion_eta,
-                          generator=x.generator)
-    return _Pairs(x0, inv.x_t, t2, cond2, x.schedule.target(x0, inv.eps_star, t2), inv.forward_passes)
+    if "inverted_0" in x.batch:
+        x_t = torch.cat([x.batch["inverted_0"], x.batch["inverted_1"]])
+        passes = 0
+    else:
+        points = inversion_points(x.cfg, len(x.schedule.alphas_cumprod)).to(t2.device)
+        index = torch.searchsorted(points, t2)
+        if bool((index >= len(points)).any()) or bool((points[index.clamp(max=len(points) - 1)] != t2).any()):
+            raise ValueError(f"InPO trains at the points of its inversion grid {points.tolist()}, got t={x.t.tolist()}; "
+                             "draw the timesteps with step.draw_micro_batch (or inversion_points)")
+        inverter = x.reference if x.cfg.inversion_model == "reference" else x.policy
+        own_prompt = pair_cond({**x.batch, "cond": x.batch.get("cond_undropped", x.batch["cond"])})
+        with torch.no_grad():
+            inv = ddim_invert(lambda z, s: x.schedule.eps_from_output(inverter(z, s, own_prompt), z, s), x0, t2,
+                              x.schedule.alphas_cumprod, eta=x.cfg.inversion_eta, generator=x.generator,
+                              grid=grid_prefix(points, index))
+        x_t, passes = inv.x_t, inv.forward_passes
+    eps_star = implied_noise(x_t, x0, t2, x.schedule.alphas_cumprod).to(x0.dtype)
+    return _Pairs(x0, x_t, t2, cond2, x.schedule.target(x0, eps_star, t2), passes)
 
 
 def _logistic_preference(x: ObjectiveInputs, pairs: _Pairs, loss_fn) -> ObjectiveOutput:
@@ -240,7 +267,7 @@ def kto(x: ObjectiveInputs) -> ObjectiveOutput:
 
 # Betas in the -beta/2 form of diffusion_dpo_loss: the papers' settings for SD1.5.
 register_objective("dpo", dpo, default_beta=5000.0)
-register_objective("inpo", inpo, default_beta=2000.0)
+register_objective("inpo", inpo, default_beta=2000.0, inverts=True)
 register_objective("kto", kto, default_beta=1000.0, data="ratings")
 register_objective("mapo", mapo, default_beta=0.1, uses_reference=False)
 register_objective("sft", sft, default_beta=0.0, uses_reference=False)

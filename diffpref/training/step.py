@@ -31,6 +31,7 @@ from diffpref.training.conditioning import added_cond_kwargs
 from diffpref.training.objectives import (
     Denoiser,
     NoiseSchedule,
+    inversion_points,
     Objective,
     ObjectiveInputs,
     ObjectiveOutput,
@@ -71,6 +72,9 @@ class StepParts:
     timestep_high: int                      # timesteps are drawn from [cfg.timestep_min, timestep_high)
     conditioner: Any = None
     reference_unet: torch.nn.Module | None = None  # full fine-tuning: the frozen copy
+    inversion_points: torch.Tensor | None = None  # InPO: its timestep grid; every t is one of these points
+    inversion: Any = None                   # InPO: the InversionCache x_t is read from (None: invert every step)
+    inversion_build_s: float = 0.0          # seconds spent building (or opening) the inversion cache
 
 
 @dataclass
@@ -232,7 +236,8 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
                      models=models, raw_unet=raw_unet, params=[p for g in groups for p in g["params"]],
                      optimizer=optimizer, lr_scheduler=lr_scheduler, policy=policy, reference=reference,
                      timestep_high=high, conditioner=conditioner,
-                     reference_unet=reference_unet)
+                     reference_unet=reference_unet,
+                     inversion_points=inversion_points(cfg, len(schedule.alphas_cumprod)) if objective.inverts else None)
 
 
 def _denoisers(cfg, accelerator, unet, raw_unet, reference_unet, conditioner, uses_reference: bool, resolution: int):
@@ -266,6 +271,7 @@ def collate(items: list[dict], empty_cond: dict, drop: torch.Tensor) -> dict:
     """Cache items -> one batch; ``drop`` [B] bool replaces those samples' prompts by the empty prompt."""
     batch = {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
     cond = {k: batch.pop(k) for k in ("prompt_embeds", "pooled_prompt_embeds") if k in batch}
+    batch["cond_undropped"] = dict(cond)  # InPO inverts with the image's own prompt (objectives._inverted)
     # Prompt dropout: some samples see the empty prompt, so guidance still has an unconditional branch.
     for key, value in cond.items():
         empty = empty_cond[key].to(value.dtype).expand_as(value)
@@ -308,6 +314,14 @@ def draw_micro_batch(parts: StepParts, micro_step: int) -> MicroBatch:
     indices = randomness.global_batch_indices(micro_step, len(cache), global_batch, cfg.seed)[local]
     gens = randomness.sample_generators(micro_step, range(local.start, local.stop), cfg.seed)
     t = randomness.per_sample_timesteps(gens, parts.timestep_high, cfg.timestep_min)
+    grid_index = None
+    if parts.inversion_points is not None:
+        # InPO: t's position in [timestep_min, high) picks one of the grid points >= timestep_min, each with
+        # probability ~1/n (exactly when n divides the range).
+        first = int((parts.inversion_points < cfg.timestep_min).sum())
+        n = len(parts.inversion_points) - first
+        grid_index = first + ((t - cfg.timestep_min) * n // (parts.timestep_high - cfg.timestep_min)).clamp(max=n - 1)
+        t = parts.inversion_points[grid_index]
     drop = randomness.per_sample_uniform(gens) < cfg.prompt_dropout
     if getattr(cache, "random_flip", False):
         # Each image mirrored or not as a function of (seed, step, position): both orientations are cached.
@@ -315,7 +329,11 @@ def draw_micro_batch(parts: StepParts, micro_step: int) -> MicroBatch:
                                         len(cache.layout.latent_columns), cfg.seed)
         items = [cache.get(int(i), flips[k]) for k, i in enumerate(indices)]
     else:
+        flips = None
         items = [cache[int(i)] for i in indices]
+    if parts.inversion is not None:
+        for k, (item, i) in enumerate(zip(items, indices)):
+            item.update(parts.inversion.get(int(i), int(grid_index[k]), None if flips is None else flips[k].tolist()))
     noise = randomness.per_sample_noise(gens, tuple(items[0].get("latents_0", items[0].get("latents")).shape))
     batch = to_device(collate(items, cache.empty_prompt_cond, drop), accelerator.device, torch.float32)
     return MicroBatch(batch, noise.to(accelerator.device), t.to(accelerator.device), indices, gens, micro_step)

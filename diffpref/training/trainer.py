@@ -193,7 +193,27 @@ def _load(cfg: TrainConfig, accelerator, conditioner) -> tuple[StepParts, type]:
     schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.clone(), pipe.scheduler.config.get("prediction_type", "epsilon"))
     unet, pipeline_class, tokenizer = pipe.unet, type(pipe), pipe.tokenizer
     del pipe
-    return prepare_training(cfg, accelerator, unet, cache, schedule, conditioner, tokenizer), pipeline_class
+    reference = None
+    if cfg.caches_inversion:  # identify the reference before adapters are added to the UNet
+        from diffpref.training.cache.inversion import reference_identity
+
+        reference = reference_identity(unet, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            accelerator.mixed_precision, torch.float32))
+    parts = prepare_training(cfg, accelerator, unet, cache, schedule, conditioner, tokenizer)
+    if reference is not None:
+        parts.inversion = build_inversion(cfg, parts, reference, accelerator)
+    return parts, pipeline_class
+
+
+def build_inversion(cfg: TrainConfig, parts: StepParts, reference: dict, accelerator):
+    """InPO: the reference's inversions of every cached image along the grid, computed once (or reused)."""
+    from diffpref.training.cache.inversion import build_inversion_cache
+
+    started = time.time()
+    inversion = build_inversion_cache(parts, reference, parts.inversion_points, batch_size=cfg.cache_batch_size,
+                                      progress=accelerator.is_local_main_process)
+    parts.inversion_build_s = time.time() - started  # one-time: summary.json reports it beside train_s
+    return inversion
 
 
 def _resume(cfg: TrainConfig, accelerator) -> Progress:
@@ -260,8 +280,9 @@ def train(cfg: TrainConfig, conditioner=None, evaluator=None) -> dict:
         progress.extra_forward_passes += result.extra_forward_passes
         logs = {**result.metrics, "extra_forward_passes": progress.extra_forward_passes,
                 "skipped_steps": progress.skipped_steps}
-        if evaluator and cfg.eval_every and progress.global_step % cfg.eval_every == 0 \
-                and progress.global_step < cfg.max_train_steps:
+        if evaluator and _evaluates_at(cfg, progress.global_step):
+            # training seconds so far (evaluations left out): time-to-quality reads it (bench/time_to_quality.py)
+            logs["train_s"] = round(time.time() - started - eval_seconds, 3)
             eval_started = time.time()
             logs.update(evaluator(progress.global_step))
             eval_seconds += time.time() - eval_started
@@ -274,6 +295,11 @@ def train(cfg: TrainConfig, conditioner=None, evaluator=None) -> dict:
             _checkpoint(cfg, parts, progress)
     bar.close()
     return _finish(cfg, parts, progress, pipeline_class, evaluator, history, time.time() - started, eval_seconds)
+
+
+def _evaluates_at(cfg: TrainConfig, step: int) -> bool:
+    """Intermediate evaluations: every eval_every steps before the last (the last is evaluated by _finish)."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.max_train_steps
 
 
 def _checkpoint(cfg: TrainConfig, parts: StepParts, progress: Progress) -> None:
@@ -290,7 +316,7 @@ def _finish(cfg: TrainConfig, parts: StepParts, progress: Progress, pipeline_cla
     summary = {"method": cfg.method, "steps": progress.global_step, "wall_clock_s": round(wall_clock, 1),
                "train_s": round(wall_clock - eval_seconds, 1), "eval_s": round(eval_seconds, 1),
                "skipped_steps": progress.skipped_steps, "extra_forward_passes": progress.extra_forward_passes,
-               "pairs": len(parts.cache), "final": history.last,
+               "pairs": len(parts.cache), "final": history.last, "inversion_build_s": round(parts.inversion_build_s, 1),
                # what accelerate actually ran (a launcher's FSDP request on CPUs runs as MULTI_CPU: docs/distributed.md)
                "distributed_type": str(accelerator.distributed_type).removeprefix("DistributedType."),
                "processes": accelerator.num_processes}
