@@ -153,47 +153,50 @@ def test_input_validation():
         AppConfig(pair_mode="greedy")
 
 
-def test_active_pairs_come_from_one_prompt_and_are_the_most_informative_across_prompts(tmp_path):
-    """Active mode draws `candidates` images for each of `candidate_prompts` prompts; the pair shown is
-    the one within-prompt pair that differs (BALD is ~0 for near-duplicates), stored with its own prompt."""
+def test_active_pairs_come_from_one_pooled_prompt_and_are_the_most_informative(tmp_path):
+    """Pairs come from the shared candidate pool: the pair shown is the within-prompt pair that differs most
+    (BALD is ~0 for near-duplicates), stored with its own prompt; nobody sees an image twice, others still may."""
     from types import SimpleNamespace
 
     from diffpref.app.config import AppConfig
     from diffpref.app.service import RatingService, from_png
 
     service = RatingService(AppConfig(db=str(tmp_path / "r.db"), pair_images="render", candidates=3,
-                                      candidate_prompts=4, seed=1),
+                                      candidate_prompts=2, pool_groups=4, pool_batch=4, seed=1),
                             pipe=SimpleNamespace(set_progress_bar_config=lambda **kw: None), start_worker=False)
-    rng = np.random.default_rng(0)
-    made = {}
-    render = service._candidate_images
+    spread = {}
 
-    def candidates(*args):
-        made["args"], made["images"] = args, render(*args)[0]
-        return made["images"], ["world-render"] * len(made["images"])
-
-    def embed(images):
-        # near-duplicates everywhere except in one prompt, whose images 0 and 2 lie furthest apart
-        features = rng.normal(0, 1e-4, (len(images), 8))
-        made["group"] = int(rng.integers(4))
-        features[3 * made["group"]:3 * made["group"] + 3, 0] += [-0.3, 0.0, 0.3]
+    def embed(images):  # group g: images at -a_g, 0, +a_g on one axis (a_g differs per group), the rest noise
+        features = np.random.default_rng(len(spread)).normal(0, 1e-4, (len(images), 8))
+        for g in range(len(images) // 3):
+            spread[len(spread)] = a = 0.1 * (g + 1)
+            features[3 * g:3 * g + 3, 0] += [-a, 0.0, a]
         return features
 
-    service._candidate_images, service._embed = candidates, embed
+    service._embed = embed
     try:
         service.login("ann")
-        for _ in range(4):
-            pair = service.store.get_pair("ann", service._make_pair("ann"))
-            _, prompts, seeds, per_prompt = made["args"]
-            assert per_prompt == 3 and len(prompts) == 12 and all(len(set(prompts[g * 3:g * 3 + 3])) == 1 for g in range(4))
-            shown = [np.asarray(from_png(service.store.get_image("ann", pair[k]))) for k in ("image_0", "image_1")]
-            at = sorted(next(j for j, im in enumerate(made["images"]) if np.array_equal(im, s)) for s in shown)
-            assert at == [3 * made["group"], 3 * made["group"] + 2]
-            assert pair["prompt"] == prompts[at[0]]
+        service.login("bob")
+        shown = {}
+        for user in ("ann", "ann", "bob"):
+            if user == "bob":  # what ann saw is gone for her, not for bob
+                assert (service.pool.available("ann"), service.pool.available("bob")) == (2, 4)
+            pair = service.store.get_pair(user, service._make_pair(user))
+            images = [np.asarray(from_png(service.store.get_image(user, pair[k]))) for k in ("image_0", "image_1")]
+            at = [(g, k) for g in service.pool._groups for k, im in enumerate(g.images)
+                  if any(np.array_equal(im, s) for s in images)]
+            assert len(at) == 2 and at[0][0] is at[1][0], "both images come from one pooled prompt"
+            assert sorted(k for _, k in at) == [0, 2] and pair["prompt"] == at[0][0].prompt  # the extremes
+            shown.setdefault(user, []).append(at[0][0].group_id)
+        assert len(service.pool) == 4  # grown once, for everyone
+        group = next(g for g in service.pool._groups if g.group_id == shown["ann"][0])
+        assert group.unused("ann") == [1] and shown["ann"][0] != shown["ann"][1]
     finally:
         service.close()
     with pytest.raises(ValueError, match="candidate_prompts"):
         AppConfig(candidate_prompts=0)
+    with pytest.raises(ValueError, match="pool_groups"):
+        AppConfig(pool_groups=3)
 
 
 # ----------------------------------------------------------------------------- the app end to end

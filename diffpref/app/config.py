@@ -22,7 +22,7 @@ DEFAULT_PRIOR_STD = 4.0  # prior std of the active-learning weights (pairs.fit_p
 PAIR_IMAGE_SOURCES = ("model", "render")
 PROFILE_METHODS = ("auto", "world", "clip")
 # argparse types of the annotations flags use (annotations are strings under `from __future__ import annotations`).
-_FLAG_TYPES = {"str": str, "str | None": str, "int": int, "int | None": int, "float": float, "float | None": float}
+_FLAG_TYPES = {"bool": bool, "str": str, "str | None": str, "int": int, "int | None": int, "float": float, "float | None": float}
 
 
 def _flag(default: Any, text: str, **extra: Any) -> Any:
@@ -46,6 +46,9 @@ class AppConfig:
                                          "a pair must be made faster than a person rates")
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
     queue_size: int = field(default=2, metadata={"help": "unrated pairs kept ready per person"})
+    pool_groups: int = field(default=16, metadata={"help": "warm pool: prompts of base-model candidates kept ready for "
+                                                           "anyone (each gives every person two pairs)"})
+    pool_batch: int = field(default=4, metadata={"help": "prompts the pool grows by in one batched pipeline call"})
     candidates: int = _flag(4, "active mode: candidate images per prompt (the pair is chosen among them)")
     candidate_prompts: int = _flag(2, "active mode: prompts whose candidates compete for the next pair "
                                       "(both images of a pair come from one prompt)")
@@ -54,6 +57,14 @@ class AppConfig:
     prior_std: float = field(default=DEFAULT_PRIOR_STD, metadata={"help": "prior std of the active-learning weights"})
     recent: int = field(default=12, metadata={"help": "recent generations shown per person"})
     seed: int = field(default=0, metadata={"help": "seed of prompt sampling and pair selection"})
+    learn: bool = _flag(False, "fine-tune the PPD adapter on the stored ratings in the background and serve each "
+                               "new one that is at least as good on held-out ratings")
+    learn_every: int = _flag(20, "--learn: new decided ratings (all people) between fine-tuning rounds")
+    learn_dir: str = _flag("outputs/app/learned", "--learn: where fine-tuned adapters are written")
+    learn_config: str | None = _flag(None, "--learn: YAML of training keys over the built-in ones "
+                                           "(diffpref.app.learn.LEARN_KEYS)")
+    learn_holdout: float = field(default=0.25, metadata={"help": "--learn: share of each person's decided ratings "
+                                                                  "held out to judge a new adapter"})
 
     def __post_init__(self):
         for name, value, valid in (("pair_mode", self.pair_mode, PAIR_MODES),
@@ -61,11 +72,16 @@ class AppConfig:
                                    ("profile", self.profile, PROFILE_METHODS)):
             if value not in valid:
                 raise ValueError(f"{name}={value!r}; valid values are {', '.join(valid)}")
-        for name in ("queue_size", "max_examples", "profile_seeds", "recent"):
+        for name in ("queue_size", "max_examples", "profile_seeds", "recent", "pool_groups", "pool_batch", "learn_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.candidates < 2:
             raise ValueError(f"candidates={self.candidates} must be >= 2 (a pair is chosen among them)")
+        if not 0.0 < self.learn_holdout < 1.0:
+            raise ValueError(f"learn_holdout={self.learn_holdout} must lie strictly between 0 and 1")
+        if self.pool_groups < self.candidate_prompts * 2:
+            raise ValueError(f"pool_groups={self.pool_groups} must be >= 2 x candidate_prompts "
+                             f"({self.candidate_prompts}): a pair is chosen among that many pooled prompts")
         if self.candidate_prompts < 1:
             raise ValueError(f"candidate_prompts={self.candidate_prompts} must be >= 1")
         for name in ("steps", "pair_steps"):
@@ -88,6 +104,9 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add ``diffpref app``'s flags: the flagged ``AppConfig`` fields, then where and to whom the server listens."""
     for f in flag_fields():
         kwargs = {"default": f.default, "help": f.metadata["help"]}
+        if _FLAG_TYPES[f.type] is bool:  # a switch: --learn
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", **kwargs)
+            continue
         if _FLAG_TYPES[f.type] is not str:  # argparse keeps strings as they are
             kwargs["type"] = _FLAG_TYPES[f.type]
         if "choices" in f.metadata:

@@ -152,6 +152,18 @@ def decode_image(data_uri: str) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------- the app
+class InputError(ValueError):
+    """Something the person typed or clicked that the app cannot take; the message says what to do."""
+
+
+def shown(message: str):
+    return gr.update(value=message, visible=True)
+
+
+def hidden():
+    return gr.update(value="", visible=False)
+
+
 class RatingApp:
     """Builds the Blocks; every handler resolves the caller's identity first (``who``)."""
 
@@ -165,26 +177,38 @@ class RatingApp:
         return self.auth_users is not None
 
     # -- identity
-    def who(self, claimed: Any, request: gr.Request | None) -> str:
-        """The caller's user id: the login in auth mode, the named user in open mode (validated)."""
+    def identify(self, claimed: Any, request: gr.Request | None) -> str:
+        """The caller's user id: the login in auth mode, the named user in open mode (validated).
+
+        Raises ``InputError`` with a message for the person; the API turns it into ``gr.Error``, the
+        UI shows it next to the field (an exception there would leave an error overlay on the page)."""
         claimed = claimed.strip() if isinstance(claimed, str) else claimed
         if self.auth_mode:
             username = getattr(request, "username", None)
             if not username:
-                raise gr.Error("log in first")
+                raise InputError("log in first")
             if claimed and claimed != username:
-                raise gr.Error(f"you are logged in as {username!r} and can only act as yourself")
+                raise InputError(f"you are logged in as {username!r} and can only act as yourself")
             user = username
         else:
             if not claimed:
-                raise gr.Error("enter your name first")
-            if not isinstance(claimed, str) or not USER_ID_PATTERN.fullmatch(claimed):
-                raise gr.Error("names are 1-64 characters: letters, digits and _ . @ -, starting with a letter or digit")
+                raise InputError("enter your name first")
+            if not isinstance(claimed, str) or len(claimed) > 64:
+                raise InputError("names are at most 64 characters long")
+            if not USER_ID_PATTERN.fullmatch(claimed):
+                raise InputError("names are 1-64 characters: letters, digits and _ . @ -, starting with a letter or digit")
             user = claimed
         if user not in self._known:
             self.service.login(user)
             self._known.add(user)
         return user
+
+    def who(self, claimed: Any, request: gr.Request | None) -> str:
+        """``identify`` for the API: a bad identity is a ``gr.Error`` the client sees (no traceback logged)."""
+        try:
+            return self.identify(claimed, request)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
 
     @staticmethod
     def _call(fn: Callable, *args):
@@ -192,9 +216,9 @@ class RatingApp:
         try:
             return fn(*args)
         except (PermissionError, NotFoundError):
-            raise gr.Error("no such pair or image among yours") from None
+            raise gr.Error("no such pair or image among yours", print_exception=False) from None
         except (ValueError, RatingConflictError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
 
     # -- API endpoints (JSON in, JSON out; images as PNG data URIs)
     def api_next_pair(self, user: str, request: gr.Request) -> dict:
@@ -216,32 +240,53 @@ class RatingApp:
         """What the caller's model favours: attribute weights from personalized - base probe images."""
         return self._call(self.service.profile, self.who(user, request))
 
-    # -- UI handlers
+    # -- UI handlers: generators, so that a line of text says what is happening before anything slow.
+    # Input errors come back as a visible message next to the field, never as an exception.
     def _pair_outputs(self, user: str, note: str = "") -> tuple:
-        pair = self._call(self.service.next_pair, user)
+        pair = self.service.next_pair(user)
         status = f"{pair['ratings']} ratings stored" + (f" · {note}" if note else "")
         return pair["pair_id"], f"### {pair['prompt']}", pair["left"], pair["right"], status
 
     def _model_outputs(self, user: str, prompt: str, seed: Any, scale: float) -> tuple:
+        """(prompt box, base image, personalized image, model status, gallery, message next to the prompt)."""
         prompt = (prompt or "").strip() or self.service.last_prompt(user) or ""
+        info = self.service.model_info(user)
         if not prompt:
-            return gr.skip(), None, None, "Rate a pair to start your model.", []
-        out = self._call(self.service.generate, user, prompt, seed if seed is not None else 0, scale)
+            return gr.skip(), None, None, f"Rate a pair to start your model. {info}", [], hidden()
+        try:
+            out = self.service.generate(user, prompt, seed if seed is not None else 0, scale)
+        except ValueError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), shown(f"⚠ {exc}")
         if out["personalized"] is None:
-            message = "Your model starts with your first left/right choice (ties and skips do not count)."
+            header = "Your model starts with your first left/right choice (ties and skips do not count)."
+            personal = gr.update(value=None, label="personalized for you")
         else:
-            message = f"Personalized from your {out['examples']} most recent choices · seed {out['seed']} · scale {out['user_scale']:g}"
-        return prompt, out["base"], out["personalized"], message, self.service.recent(user)
+            header = (f"Left: the base model. Right: your model at user scale **{out['user_scale']:g}**, from your "
+                      f"{out['examples']} most recent choices · seed {out['seed']}")
+            personal = gr.update(value=out["personalized"], label=f"your model · scale {out['user_scale']:g}")
+        return prompt, out["base"], personal, f"{header}\n\n{info}", self.service.recent(user), hidden()
 
     def ui_start(self, name: str, prompt: str, seed: Any, scale: float, request: gr.Request):
-        user = self.who(name, request)
+        skip = (gr.skip(),) * (len(self.start_outputs) - 1)
+        try:
+            user = self.identify(name, request)
+        except InputError as exc:
+            yield shown(f"⚠ {exc}"), *skip
+            return
+        if not self.service.pair_ready(user):
+            yield shown("Preparing your first pair (the app is still warming up)…"), *skip
         hello = f"Signed in as **{user}**" + ("" if self.auth_mode else " (open mode: for local use)")
-        return (user, gr.update(visible=False), gr.update(visible=True), hello,
-                *self._pair_outputs(user), *self._model_outputs(user, prompt, seed, scale))
+        yield (hidden(), user, gr.update(visible=False), gr.update(visible=True), hello,
+               *self._pair_outputs(user), *self._model_outputs(user, prompt, seed, scale))
 
     def ui_rate(self, choice: str) -> Callable:
         def handler(user: str, pair_id: str, request: gr.Request):
-            user = self.who(user, request)
+            skip = (gr.skip(),) * 4
+            try:
+                user = self.identify(user, request)
+            except InputError as exc:
+                yield *skip, f"⚠ {exc}"
+                return
             note = ""
             if pair_id:
                 try:
@@ -249,23 +294,40 @@ class RatingApp:
                     note = f"you chose {choice}" if result["created"] else "already rated"
                 except RatingConflictError:  # a double click or key repeat with another choice: keep the first
                     note = "that pair was already rated"
-                except (PermissionError, NotFoundError):
-                    raise gr.Error("no such pair among yours") from None
-            return self._pair_outputs(user, note)
+                except (PermissionError, NotFoundError, ValueError):
+                    note = "that pair is not among yours; here is your next one"
+            if not self.service.pair_ready(user):
+                yield *skip, "Making your next pair (the generator is behind; a few seconds)…"
+            yield self._pair_outputs(user, note)
 
         return handler
 
     def ui_model(self, user: str, prompt: str, seed: Any, scale: float, request: gr.Request):
-        return self._model_outputs(self.who(user, request), prompt, seed, scale)
+        try:
+            user = self.identify(user, request)
+        except InputError as exc:
+            yield *(gr.skip(),) * 5, shown(f"⚠ {exc}")
+            return
+        yield gr.skip(), gr.skip(), gr.skip(), f"Generating at user scale {scale:g}…", gr.skip(), hidden()
+        yield self._model_outputs(user, prompt, seed, scale)
 
     def ui_profile(self, user: str, scale: float, request: gr.Request):
-        result = self._call(self.service.profile, self.who(user, request), scale)
+        yield "Computing your profile…", gr.skip()
+        try:
+            user = self.identify(user, request)
+            result = self.service.profile(user, scale, wait=False)
+        except (InputError, ValueError) as exc:
+            yield f"⚠ {exc}", gr.skip()
+            return
         if not result["attributes"]:
-            return result.get("message", "no profile yet"), result
+            yield result.get("message", "no profile yet"), result
+            return
+        when = (f"from your first {result['decided_then']} choices; the one with all {result['decided']} follows "
+                "when you open it again" if result["stale"] else f"{result['decided']} choices")
         lines = [f"**{result['method']}** over {result['probes']} probe images, scale {result['user_scale']:g} "
-                 f"({result['decided']} choices):", "", "| favours | weight |", "|---|---:|"]
+                 f"({when}):", "", "| favours | weight |", "|---|---:|"]
         lines += [f"| {row['attribute']} | {row['weight']:+.3f} |" for row in result["attributes"]]
-        return "\n".join(lines), result
+        yield "\n".join(lines), result
 
     # -- layout
     def build(self) -> gr.Blocks:
@@ -277,11 +339,12 @@ class RatingApp:
             with gr.Column(visible=not self.auth_mode) as login_col:
                 name = gr.Textbox(label="Your name", placeholder="letters, digits, _ . @ - (1-64)", max_length=64,
                                   elem_id="user-name")
+                name_msg = gr.Markdown(visible=False, elem_id="name-message")
                 start = gr.Button("Start", variant="primary", elem_id="start")
                 if not self.auth_mode:
                     gr.Markdown("Open mode: your name is your identity on this machine. Run with `--auth` to share the app.")
             with gr.Column(visible=False) as main_col:
-                hello = gr.Markdown()
+                hello = gr.Markdown(elem_id="hello")
                 with gr.Tabs():
                     with gr.Tab("Rate", id="rate"):
                         prompt_md = gr.Markdown(elem_id="pair-prompt")
@@ -298,7 +361,7 @@ class RatingApp:
                                 "right": gr.Button("Right is better (2) ▶", elem_id="rate-right", variant="primary"),
                             }
                         rate_status = gr.Markdown(elem_id="rate-status")
-                    with gr.Tab("Your model", id="model"):
+                    with gr.Tab("Your model", id="model") as model_tab:
                         model_status = gr.Markdown("Rate a pair to start your model.", elem_id="model-status")
                         with gr.Row():
                             base_img = gr.Image(label="base model", type="pil", format="png", interactive=False,
@@ -308,35 +371,41 @@ class RatingApp:
                         with gr.Row():
                             prompt_box = gr.Textbox(label="prompt", max_length=300, scale=3, elem_id="model-prompt")
                             seed_box = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=MAX_SEED)
-                            scale_slider = gr.Slider(0.0, MAX_USER_SCALE, value=1.0, step=0.1, label="user scale")
+                            scale_slider = gr.Slider(0.0, MAX_USER_SCALE, value=1.0, step=0.1, label="user scale",
+                                                     elem_id="user-scale")
+                        model_msg = gr.Markdown(visible=False, elem_id="model-message")
                         generate_btn = gr.Button("Generate", elem_id="generate")
                         gallery = gr.Gallery(label="your recent generations", columns=6, height=220, format="png",
                                              buttons=[], elem_id="recent")
                         with gr.Accordion("What your model favours", open=False):
                             profile_btn = gr.Button("Compute profile", elem_id="profile")
-                            profile_md = gr.Markdown()
+                            profile_md = gr.Markdown(elem_id="profile-text")
                             profile_json = gr.JSON(visible=False)
 
             pair_outputs = [pair_state, prompt_md, left, right, rate_status]
             model_inputs = [user_state, prompt_box, seed_box, scale_slider]
-            model_outputs = [prompt_box, base_img, pers_img, model_status, gallery]
+            model_outputs = [prompt_box, base_img, pers_img, model_status, gallery, model_msg]
             private = {"api_visibility": "private"}
             start_inputs = [name, prompt_box, seed_box, scale_slider]
-            start_outputs = [user_state, login_col, main_col, hello, *pair_outputs, *model_outputs]
+            self.start_outputs = [name_msg, user_state, login_col, main_col, hello, *pair_outputs, *model_outputs]
+            start_outputs = self.start_outputs
             if self.auth_mode:
                 demo.load(self.ui_start, start_inputs, start_outputs, **private)
             else:
                 start.click(self.ui_start, start_inputs, start_outputs, **private)
                 name.submit(self.ui_start, start_inputs, start_outputs, **private)
             for choice, button in buttons.items():
-                # The next pair comes back first; the model panel follows in its own step.
+                # Only the next pair: the model panel is drawn when its tab is opened, so a fast rater's
+                # clicks do not queue generations that compete with the pair generator for the CPU.
                 button.click(self.ui_rate(choice), [user_state, pair_state], pair_outputs, concurrency_limit=None,
-                             **private).then(self.ui_model, model_inputs, model_outputs, show_progress="hidden",
-                                             trigger_mode="always_last", concurrency_id="model", **private)
-            generate_btn.click(self.ui_model, model_inputs, model_outputs, concurrency_id="model", **private)
-            prompt_box.submit(self.ui_model, model_inputs, model_outputs, concurrency_id="model", **private)
-            profile_btn.click(self.ui_profile, [user_state, scale_slider], [profile_md, profile_json],
-                              concurrency_id="model", **private)
+                             **private)
+            model_events = {"concurrency_id": "model", "trigger_mode": "always_last", **private}
+            model_tab.select(self.ui_model, model_inputs, model_outputs, show_progress="hidden", **model_events)
+            generate_btn.click(self.ui_model, model_inputs, model_outputs, **model_events)
+            prompt_box.submit(self.ui_model, model_inputs, model_outputs, **model_events)
+            # On release, not on every step of a drag; always_last drops the drags queued behind a generation.
+            scale_slider.release(self.ui_model, model_inputs, model_outputs, **model_events)
+            profile_btn.click(self.ui_profile, [user_state, scale_slider], [profile_md, profile_json], **model_events)
 
             gr.api(self.api_next_pair, api_name="next_pair", concurrency_limit=None)
             gr.api(self.api_rate, api_name="rate", concurrency_limit=None)

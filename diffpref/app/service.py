@@ -20,6 +20,7 @@ import io
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -29,6 +30,7 @@ from PIL import Image
 
 from diffpref.app.config import AppConfig
 from diffpref.app.pairs import all_pairs, fit_posterior, select_pair
+from diffpref.app.pool import CandidatePool
 from diffpref.app.profile import CLIP_PROBE_PROMPTS, WORLD_PROBE_PROMPTS, clip_profile, world_profile
 from diffpref.app.store import RatingConflictError, RatingStore
 from diffpref.app.validation import check_choice
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 300
 MAX_SEED = 2**31 - 1
 MAX_USER_SCALE = 2.0
+IDLE_POLL_S = 0.25  # how often the idle worker looks for work when nobody asks for pairs
+ACTIVE_S = 120.0  # a person seen this recently gets idle work (pool growth, profile, personal pairs)
+LOW_WATER_PAIRS = 4  # the pool grows while an active person has fewer pairs' worth of candidates left
 # Prompts for real models' pairs when none are given (world models sample world captions).
 GENERIC_PROMPTS = (
     "a cat sitting on a windowsill", "a mountain lake at sunrise", "a bowl of fruit on a table",
@@ -118,10 +123,22 @@ class RatingService:
         self._base_cache: OrderedDict[tuple, Image.Image] = OrderedDict()
         self._profiles: dict[str, tuple[tuple, dict]] = {}
         self._recent: dict[str, deque] = {}
+        self._active: dict[str, float] = {}  # person -> time.monotonic() of their last request
+        self._personal_made: dict[str, tuple] = {}  # person -> ratings key of their last personal pair
+        self._profile_wanted: dict[str, float] = {}  # person -> user scale of the profile they last opened
+        self.pool = CandidatePool(config.pool_groups)
+        self._grow_lock = threading.Lock()
+        self.learner = None
+        self._adapter_version = 0
+        self.adapter_updated: float | None = None  # time.time() the served adapter was swapped in (--learn)
         self._wanted: queue.Queue[str | None] = queue.Queue()
         self._queued: set[str] = set()
         self._stop = threading.Event()
         self._worker = None
+        if config.learn:
+            from diffpref.app.learn import Learner
+
+            self.learner = Learner(self)
         if start_worker:
             self._worker = threading.Thread(target=self._fill_queues, name="diffpref-pairs", daemon=True)
             self._worker.start()
@@ -132,6 +149,8 @@ class RatingService:
         self._wanted.put(None)
         if self._worker is not None:
             self._worker.join(timeout=30)
+        if self.learner is not None:
+            self.learner.stop()
         self.store.close()
 
     def _user_lock(self, user_id: str) -> threading.Lock:
@@ -140,34 +159,65 @@ class RatingService:
 
     # ------------------------------------------------------------------ people
     def login(self, user_id: str, display_name: str | None = None) -> dict:
-        """Create the person if new (the store validates the id) and start filling their pair queue."""
+        """Create the person if new (the store validates the id) and fill their pair queue from the pool."""
         user = self.store.ensure_user(user_id, display_name)
+        self._touch(user_id)
         self.request_pairs(user_id)
         return {**user, "ratings": self.store.count_ratings(user_id)}
 
+    def _touch(self, user_id: str) -> None:
+        with self._state_lock:
+            self._active[user_id] = time.monotonic()
+
+    def _active_people(self) -> list[str]:
+        """People seen within ACTIVE_S, most recent first: whom idle work is for."""
+        now = time.monotonic()
+        with self._state_lock:
+            recent = [(t, u) for u, t in self._active.items() if now - t < ACTIVE_S]
+        return [u for _, u in sorted(recent, reverse=True)]
+
     # ------------------------------------------------------------------ pairs
     def request_pairs(self, user_id: str) -> None:
-        """Ask the background thread to top up this person's queue (no-op if already asked)."""
+        """Top up this person's queue from the pool now (milliseconds); the worker grows the pool if it runs low."""
+        if self._worker is not None:
+            self.top_up(user_id)
         with self._state_lock:
             if user_id in self._queued:
                 return
             self._queued.add(user_id)
         self._wanted.put(user_id)
 
+    def top_up(self, user_id: str) -> int:
+        """Make pairs from pooled candidates, without a model call, until ``queue_size`` wait; returns how many."""
+        made = 0
+        with self._user_lock(user_id):
+            while (len(self.store.pending_pairs(user_id)) < self.config.queue_size
+                   and self.pool.available(user_id) >= self._groups_per_pair):
+                self._make_pair(user_id)
+                made += 1
+        return made
+
     def _fill_queues(self) -> None:
+        """The background thread: fill queues when asked; otherwise, one piece of idle work at a time."""
         while not self._stop.is_set():
-            user_id = self._wanted.get()
+            try:
+                user_id = self._wanted.get(timeout=IDLE_POLL_S)
+            except queue.Empty:
+                user_id = ""
             if user_id is None:
                 return
-            with self._state_lock:
-                self._queued.discard(user_id)
             try:
-                self.fill_queue(user_id)
+                if user_id:
+                    with self._state_lock:
+                        self._queued.discard(user_id)
+                    self.fill_queue(user_id)
+                if self._wanted.empty():
+                    self._idle_step()
             except Exception:  # a failed generation must not stop every person's queue
-                log.exception("filling the pair queue of %s failed", user_id)
+                log.exception("background pair work failed (person %r)", user_id)
 
     def fill_queue(self, user_id: str) -> int:
-        """Make pairs until ``queue_size`` are waiting; returns how many were made."""
+        """Make pairs until ``queue_size`` are waiting (growing the pool when it runs dry); returns how many."""
         made = 0
         with self._user_lock(user_id):
             while not self._stop.is_set() and len(self.store.pending_pairs(user_id)) < self.config.queue_size:
@@ -175,8 +225,29 @@ class RatingService:
                 made += 1
         return made
 
+    def _idle_step(self) -> bool:
+        """One piece of idle work, most urgent first; False when there was nothing to do."""
+        people = self._active_people()
+        # 1. Keep every active person `low_water` pairs ahead in the pool, and the pool full for newcomers.
+        low_water = self._groups_per_pair * LOW_WATER_PAIRS
+        if len(self.pool) < self.pool.max_groups or any(self.pool.available(u) < low_water for u in people):
+            self._grow_pool()
+            return True
+        # 2. Profiles of people whose ratings changed, so that opening it costs no generation.
+        for user_id in people:
+            if self._refresh_profile(user_id):
+                return True
+        # 3. A pair with images from the person's own model (base vs. personalized), behind the queue.
+        for user_id in people:
+            if self._personal_pair_due(user_id):
+                with self._user_lock(user_id):
+                    self._make_pair(user_id, personal=True)
+                return True
+        return False
+
     def next_pair(self, user_id: str) -> dict:
         """The person's oldest unrated pair (made now if the queue is empty): pair_id, prompt, PIL images."""
+        self._touch(user_id)
         pending = self.store.pending_pairs(user_id)
         if not pending:
             with self._user_lock(user_id):
@@ -191,6 +262,20 @@ class RatingService:
                 "right": from_png(self.store.get_image(user_id, pair["image_1"])),
                 "waiting": len(pending), "ratings": self.store.count_ratings(user_id)}
 
+    def pair_ready(self, user_id: str) -> bool:
+        """Whether ``next_pair`` returns without generating (the UI says so when it will not)."""
+        return bool(self.store.pending_pairs(user_id)) or self.pool.available(user_id) >= self._groups_per_pair
+
+    @property
+    def _active_mode(self) -> bool:
+        return self.config.pair_mode == "active" and self.image_features
+
+    @property
+    def _groups_per_pair(self) -> int:
+        # Active mode looks at several prompts: a prompt that names what the person cares about gives
+        # candidates that all look alike to them, and BALD then prefers another prompt's pair.
+        return self.config.candidate_prompts if self._active_mode else 1
+
     def _sample_prompt(self) -> str:
         with self._state_lock:
             if self.world or self.config.pair_images == "render":
@@ -199,56 +284,92 @@ class RatingService:
                 return sample_prompt(self._rng)
             return GENERIC_PROMPTS[int(self._rng.integers(len(GENERIC_PROMPTS)))]
 
-    def _candidate_images(self, user_id: str, prompts: list[str], seeds: list[int],
-                          per_prompt: int) -> tuple[list[np.ndarray], list[str]]:
-        """One image per (prompt, seed); ``prompts`` comes in runs of ``per_prompt`` equal prompts."""
+    def _grow_pool(self) -> None:
+        """One batched call: ``pool_batch`` prompts x ``candidates`` base images, for everyone."""
+        if not self._grow_lock.acquire(blocking=False):
+            with self._grow_lock:  # another thread is growing it: wait for its groups instead
+                return
+        try:
+            per_prompt = self.config.candidates
+            prompts = [self._sample_prompt() for _ in range(self.config.pool_batch)]
+            with self._state_lock:
+                seeds = [int(s) for s in self._rng.integers(0, MAX_SEED, size=len(prompts) * per_prompt)]
+            flat = [p for p in prompts for _ in range(per_prompt)]
+            images = self._candidate_images(flat, seeds)
+            features = self._embed(images) if self.image_features else None
+            for g, prompt in enumerate(prompts):
+                at = slice(g * per_prompt, (g + 1) * per_prompt)
+                self.pool.add(prompt, seeds[at], images[at], None if features is None else features[at])
+        finally:
+            self._grow_lock.release()
+
+    def _candidate_images(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        """Base-model images (or clean world renders), one per (prompt, seed), in one batched call."""
         if self.config.pair_images == "render":
             from diffpref.world.captions import parse_caption
             from diffpref.world.render import render, sample_attributes
 
-            return ([np.asarray(render(sample_attributes(np.random.default_rng(s), **parse_caption(p))))
-                     for p, s in zip(prompts, seeds)], ["world-render"] * len(seeds))
-        # Once the person has a model, half of each prompt's candidates come from it: pairs then also
-        # compare base and personalized images, and refine the taste rather than only the base's range.
-        # One batched call per scale (a batch of 4 costs about two single images on CPU).
-        tokens = self.user_tokens(user_id)
-        personal = [tokens is not None and k % per_prompt >= per_prompt - per_prompt // 2 for k in range(len(seeds))]
-        base_at = [k for k, p in enumerate(personal) if not p]
-        personal_at = [k for k, p in enumerate(personal) if p]
-        images: list = [None] * len(seeds)
-        for at, user, scale in ((base_at, None, 0.0), (personal_at, tokens, 1.0)):
-            if at:
-                made = self._generate([prompts[k] for k in at], [seeds[k] for k in at], user, scale, self.pair_steps)
-                for k, image in zip(at, made):
-                    images[k] = image
-        models = [f"{self.model_name}+ppd@1.00" if p else self.model_name for p in personal]
-        return images, models
+            return [np.asarray(render(sample_attributes(np.random.default_rng(s), **parse_caption(p))))
+                    for p, s in zip(prompts, seeds)]
+        return self._generate(prompts, seeds, None, 0.0, self.pair_steps)
 
-    def _make_pair(self, user_id: str) -> str:
-        active = self.config.pair_mode == "active" and self.image_features
-        # Active mode looks at several prompts: a prompt that names what the person cares about gives
-        # candidates that all look alike to them, and BALD then prefers another prompt's pair.
-        groups = self.config.candidate_prompts if active else 1
-        per_prompt = self.config.candidates if active else 2
-        prompts = [p for p in (self._sample_prompt() for _ in range(groups)) for _ in range(per_prompt)]
+    def _personal_pair_due(self, user_id: str) -> bool:
+        """A personal pair waits behind the queue once per new rating, for people who have a model."""
+        if self.config.pair_images == "render" or self.pool.available(user_id) < 1:
+            return False
+        key = self._ratings_key(user_id)
         with self._state_lock:
-            seeds = [int(s) for s in self._rng.integers(0, MAX_SEED, size=len(prompts))]
+            done = self._personal_made.get(user_id) == key
+        return (not done and bool(key) and len(self.store.pending_pairs(user_id)) <= self.config.queue_size)
+
+    def _make_pair(self, user_id: str, personal: bool = False) -> str:
+        """Choose the most informative pair among pooled candidates (and, if ``personal``, images of the
+        person's own model of one pooled prompt) and store it at the back of the person's queue."""
+        with self._state_lock:
             rng = np.random.default_rng(self._rng.integers(2**63))
-        images, models = self._candidate_images(user_id, prompts, seeds, per_prompt)
-        if active:
-            features = self._embed(images)
-            within_prompt = [(g * per_prompt + i, g * per_prompt + j) for g in range(groups) for i, j in all_pairs(per_prompt)]
-            choice = select_pair(features, self.posterior(user_id), rng, "active", pairs=within_prompt)
+        wanted = 1 if personal else self._groups_per_pair
+        chosen = self.pool.candidates(user_id, wanted, rng)
+        if len(chosen) < wanted:  # the pool ran dry for this person: grow it now (they wait)
+            self._grow_pool()
+            chosen = self.pool.candidates(user_id, wanted, rng)
+        # Candidates: (group or None, index in group, image, feature, model, seed, prompt)
+        sets = [[(g, k, g.images[k], None if g.features is None else g.features[k], self.model_name, g.seeds[k], g.prompt)
+                 for k in idx] for g, idx in chosen]
+        if personal:
+            sets[0] += self._personal_candidates(user_id, chosen[0][0].prompt, rng)
+        flat = [c for s in sets for c in s]
+        starts = np.cumsum([0] + [len(s) for s in sets])
+        within = [(int(starts[s]) + i, int(starts[s]) + j) for s in range(len(sets)) for i, j in all_pairs(len(sets[s]))]
+        if self._active_mode:
+            features = np.stack([c[3] for c in flat])
+            choice = select_pair(features, self.posterior(user_id), rng, "active", pairs=within)
             first, second = choice.first, choice.second
         else:
-            first, second, features = 0, 1, None
+            first, second = within[int(rng.integers(len(within)))]
         if rng.random() < 0.5:  # which image is shown on the left says nothing about the selection
             first, second = second, first
-        prompt = prompts[first]
-        ids = [self.store.add_image(user_id, prompt, to_png(images[k]), models[k], seeds[k]) for k in (first, second)]
-        if features is not None:
-            self._remember_features(ids, features[[first, second]])
+        for group, k, *_ in (flat[first], flat[second]):
+            if group is not None:
+                self.pool.take(user_id, group, (k,))
+        prompt = flat[first][6]
+        ids = [self.store.add_image(user_id, prompt, to_png(flat[k][2]), flat[k][4], flat[k][5]) for k in (first, second)]
+        if self.image_features:
+            self._remember_features(ids, np.stack([flat[first][3], flat[second][3]]))
         return self.store.add_pair(user_id, prompt, ids[0], ids[1])
+
+    def _personal_candidates(self, user_id: str, prompt: str, rng: np.random.Generator) -> list[tuple]:
+        """``candidates // 2`` images of ``prompt`` from the person's model: pairs then also compare base and
+        personalized images, and refine the taste rather than only the base model's range."""
+        key, tokens = self._ratings_key(user_id), self.user_tokens(user_id)
+        with self._state_lock:
+            self._personal_made[user_id] = key
+        if tokens is None:
+            return []
+        seeds = [int(s) for s in rng.integers(0, MAX_SEED, size=max(1, self.config.candidates // 2))]
+        images = self._generate([prompt] * len(seeds), seeds, tokens, 1.0, self.pair_steps)
+        features = self._embed(images) if self.image_features else [None] * len(images)
+        model = f"{self.model_name}+ppd@1.00"
+        return [(None, None, im, f, model, s, prompt) for im, f, s in zip(images, features, seeds)]
 
     # ------------------------------------------------------------------ active learning
     def _embed(self, images: list) -> np.ndarray:
@@ -284,13 +405,21 @@ class RatingService:
     def rate(self, user_id: str, pair_id: str, choice: str) -> dict:
         """Store the choice durably (the store checks the pair is this person's) and refill their queue."""
         result = self.store.rate(user_id, pair_id, check_choice(choice))
+        self._touch(user_id)
         self.request_pairs(user_id)
+        if self.learner is not None:
+            self.learner.notify()
         return {**result, "ratings": self.store.count_ratings(user_id)}
+
+    def _ratings_key(self, user_id: str) -> tuple:
+        """What the person's tokens depend on: their recent decided ratings and the adapter being served."""
+        decided = [r["rating_id"] for r in self.store.ratings_for(user_id) if r["choice"] in ("left", "right")]
+        key = tuple(decided[-self.config.max_examples:])
+        return (self._adapter_version, *key) if key else ()
 
     def user_tokens(self, user_id: str) -> torch.Tensor | None:
         """The person's tokens from their most recent decided ratings; None before the first one."""
-        decided = [r["rating_id"] for r in self.store.ratings_for(user_id) if r["choice"] in ("left", "right")]
-        key = tuple(decided[-self.config.max_examples:])
+        key = self._ratings_key(user_id)
         if not key:
             return None
         cached = self._cached_tokens(user_id, key)
@@ -317,6 +446,29 @@ class RatingService:
             cached = self._tokens.get(user_id)
         return cached[1] if cached is not None and cached[0] == key else None
 
+    # ------------------------------------------------------------------ the served adapter (--learn)
+    def swap_pipeline(self, pipe, updated: float) -> None:
+        """Serve ``pipe`` (a new adapter on the same base model) from now on; cached tokens and profiles go.
+
+        Pooled candidates stay: they are base-model images, and the image backbone is the adapter's
+        frozen one, so their features do not change either."""
+        pipe.set_progress_bar_config(disable=True)
+        with self._model_lock:
+            self.pipe = pipe
+            with self._state_lock:
+                self._adapter_version += 1
+                self._tokens.clear()
+                self.adapter_updated = updated
+
+    def model_info(self, user_id: str) -> str:
+        """One line for the person's pages: which model serves them and when it last learned."""
+        if self.adapter_updated is None:
+            learning = "learns from ratings in the background" if self.learner is not None else "the shipped adapter"
+            return f"Your model: {learning}; your choices personalize it at once."
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.adapter_updated))
+        mine = self.learner.trained_on(user_id) if self.learner is not None else 0
+        return f"Your model was last updated {stamp} (trained on {mine} of your choices)."
+
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list[str], seeds: list[int], tokens: torch.Tensor | None,
                   scale: float, steps: int | None = None) -> list[np.ndarray]:
@@ -327,18 +479,25 @@ class RatingService:
             return list(generate_images(self.pipe, prompts, seeds, steps=steps or self.steps,
                                         guidance_scale=self.config.guidance_scale, **kwargs))
 
-    def _base_image(self, prompt: str, seed: int) -> Image.Image:
-        key = (prompt, seed)
+    def _base_image(self, prompt: str, seed: int, steps: int | None = None) -> Image.Image:
+        key = (prompt, seed, steps)
         with self._state_lock:
             if key in self._base_cache:
                 self._base_cache.move_to_end(key)
                 return self._base_cache[key]
-        image = Image.fromarray(self._generate([prompt], [seed], None, 0.0)[0])
+        image = Image.fromarray(self._generate([prompt], [seed], None, 0.0, steps)[0])
         with self._state_lock:
             self._base_cache[key] = image
             while len(self._base_cache) > 256:
                 self._base_cache.popitem(last=False)
         return image
+
+    def _personalized_image(self, prompt: str, seed: int, tokens: torch.Tensor, scale: float) -> Image.Image:
+        """The person's image of ``prompt`` and ``seed``.
+
+        Best-of-N plugs in here: draw N seeds from ``seed``, score them with the person's reward
+        (``diffpref.personalize.reward*``), return the best; ``generate`` stays as it is."""
+        return Image.fromarray(self._generate([prompt], [seed], tokens, scale)[0])
 
     def generate(self, user_id: str, prompt: str, seed: int, user_scale: float = 1.0) -> dict:
         """Base and personalized images of one prompt and seed; the personalized one is kept as theirs.
@@ -347,11 +506,12 @@ class RatingService:
         """
         prompt, seed, scale = check_prompt(prompt), check_seed(seed), check_scale(user_scale)
         self.store.ensure_user(user_id)
+        self._touch(user_id)
         base = self._base_image(prompt, seed)
         tokens = self.user_tokens(user_id)
         personalized, image_id = None, None
         if tokens is not None:
-            personalized = Image.fromarray(self._generate([prompt], [seed], tokens, scale)[0])
+            personalized = self._personalized_image(prompt, seed, tokens, scale)
             with self._state_lock:
                 recent = self._recent.setdefault(user_id, deque(maxlen=self.config.recent))
                 key = (prompt, seed, scale, self._tokens[user_id][0])
@@ -381,36 +541,65 @@ class RatingService:
         return rated[-1]["prompt"] if rated else None
 
     # ------------------------------------------------------------------ profile
-    def profile(self, user_id: str, user_scale: float = 1.0, top: int | None = 8) -> dict:
-        """What the person's tokens change, measured on neutral probe prompts (see ``profile.py``)."""
+    def profile(self, user_id: str, user_scale: float = 1.0, top: int | None = 8, wait: bool | None = None) -> dict:
+        """What the person's tokens change, measured on neutral probe prompts (see ``profile.py``).
+
+        The background thread recomputes it after each new choice, so it is usually ready. If it is
+        not, and an older one exists, that one comes back at once (``stale``: the number of choices it
+        was made from is in ``decided_then``) unless ``wait``; the fresh one follows on the next call.
+        ``wait`` defaults to True without a background thread (scripts, the simulation)."""
         scale = check_scale(user_scale)
+        wait = self._worker is None if wait is None else wait
         ratings, decided = self.store.count_ratings(user_id), self._decided(user_id)
         summary = {"user_id": user_id, "ratings": ratings, "decided": decided, "user_scale": scale}
-        tokens = self.user_tokens(user_id)
-        if tokens is None:
-            return {**summary, "method": None, "attributes": [],
+        key = self._ratings_key(user_id)
+        if not key:
+            return {**summary, "method": None, "attributes": [], "stale": False,
                     "message": "no decided rating yet: choose left or right on a pair to start your model"}
-        key = (self._tokens[user_id][0], scale, top)
-        with self._state_lock:
-            cached = self._profiles.get(user_id)
-        if cached is not None and cached[0] == key:
-            return {**summary, **cached[1]}
         if not self.world and not self.image_features:
-            return {**summary, "method": None, "attributes": [],
+            return {**summary, "method": None, "attributes": [], "stale": False,
                     "message": "this adapter's VLM backbone has no per-image embedding to describe the change with"}
+        with self._state_lock:
+            self._profile_wanted[user_id] = scale
+            cached = self._profiles.get(user_id)
+        if cached is not None and cached[0] == (key, scale, top):
+            return {**summary, **cached[1], "stale": False}
+        if cached is not None and cached[0][1:] == (scale, top) and not wait:
+            self._touch(user_id)  # the background thread refreshes it next
+            return {**summary, **cached[1], "stale": True}
+        return {**summary, **self._compute_profile(user_id, key, scale, top), "stale": False}
+
+    def _refresh_profile(self, user_id: str) -> bool:
+        """Idle work: recompute the profile of a person whose choices changed since it was made."""
+        key = self._ratings_key(user_id)
+        with self._state_lock:
+            scale = self._profile_wanted.get(user_id, 1.0)
+            cached = self._profiles.get(user_id)
+        if not key or (cached is not None and cached[0][:2] == (key, scale)):
+            return False
+        if not self.world and not self.image_features:
+            return False
+        self._compute_profile(user_id, key, scale, 8)
+        return True
+
+    def _compute_profile(self, user_id: str, key: tuple, scale: float, top: int | None) -> dict:
+        tokens = self.user_tokens(user_id)
         prompts_list = WORLD_PROBE_PROMPTS if self.world else CLIP_PROBE_PROMPTS
         prompts = [p for p in prompts_list for _ in range(self.config.profile_seeds)]
         seeds = [s for _ in prompts_list for s in range(self.config.profile_seeds)]
-        base = np.stack([np.asarray(self._base_image(p, s)) for p, s in zip(prompts, seeds)])
-        pers = np.stack(self._generate(prompts, seeds, tokens, scale))
+        # Probe images at the pairs' step count: the profile compares averages over many images, and the
+        # pairs' steps are chosen to be faithful enough to rate.
+        base = np.stack([np.asarray(self._base_image(p, s, self.pair_steps)) for p, s in zip(prompts, seeds)])
+        pers = np.stack(self._generate(prompts, seeds, tokens, scale, self.pair_steps))
         if self.world:
             result = world_profile(base, pers, top=top)
         else:
             with self._model_lock:
                 result = clip_profile(self.pipe.backbone, list(base), list(pers), top=top)
+        result = {**result, "decided_then": self._decided(user_id)}
         with self._state_lock:
-            self._profiles[user_id] = (key, result)
-        return {**summary, **result}
+            self._profiles[user_id] = ((key, scale, top), result)
+        return result
 
 
 __all__ = ["RatingService", "RatingConflictError", "check_prompt", "check_seed", "check_scale",

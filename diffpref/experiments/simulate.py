@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from diffpref.app.config import AppConfig
 from diffpref.app.pairs import PAIR_MODES
-from diffpref.app.service import RatingService
+from diffpref.app.service import RatingService, from_png
+from diffpref.personalize.backbones import UserExample
 from diffpref.world.detector import detect_batch, feature_matrix
 from diffpref.world.metrics import win_rate
 from diffpref.world.users import WorldUser, load_users, oracle_reward
@@ -129,6 +131,82 @@ def simulate_raters(users: Sequence[WorldUser], ratings: int = 10, modes: Sequen
     return result
 
 
+def bootstrap_mean(values: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Mean over raters with a 90 % bootstrap interval (raters resampled with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    boot = values[np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return {"mean": round(float(values.mean()), 4), "ci90": [round(float(q), 4) for q in np.percentile(boot, [5, 95])]}
+
+
+def simulate_learning(users: Sequence[WorldUser], checkpoints: Sequence[int] = (10, 20, 30), num_prompts: int = 32,
+                      seed: int = 0, adapter: str = "embedded-ppd", steps: int = 15, learn_config: str | None = None,
+                      learn_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``--learn`` on and off: oracle win rate against the base after each checkpoint's ratings, per rater.
+
+    The raters rate in lockstep through one ``RatingService``; at each checkpoint the learner runs one
+    round on everything stored so far (``Learner.run_round``: train, judge on held-out ratings, serve
+    only if not worse), then each rater's tokens personalize the evaluation captions twice: with the
+    shipped adapter (``--learn`` off) and with the adapter being served (on). Both arms see the same
+    pairs: pair candidates are base-model images and the active choice reads the adapter's frozen
+    image backbone, so learning changes the person's model, not the pairs they are shown."""
+    from diffpref.app.learn import Learner
+    from diffpref.experiments.ppd_eval import generate_personalized
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
+    from diffpref.models.loading import load_pipeline
+    from diffpref.personalize.encoder import embed_user
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+
+    checkpoints = sorted(set(int(c) for c in checkpoints))
+    if not checkpoints or checkpoints[0] < 1:
+        raise ValueError(f"checkpoints must be positive rating counts, got {checkpoints}")
+    shipped = PersonalizedPipeline.from_base(load_pipeline("embedded"), adapter)
+    shipped.set_progress_bar_config(disable=True)
+    prompts, seeds = eval_prompts(num_prompts, seed + 1)
+    base = feature_matrix(detect_batch(generate_world_images(shipped, prompts, seeds, steps, None, 64, False, "base")))
+    curves: dict[str, dict[str, list[float]]] = {"off": {u.user_id: [] for u in users}, "on": {u.user_id: [] for u in users}}
+    rounds = []
+    with tempfile.TemporaryDirectory(dir=learn_dir) as tmp:
+        config = AppConfig(db=str(Path(tmp) / "ratings.db"), queue_size=1, steps=steps, adapter=adapter, seed=seed,
+                           learn_dir=str(Path(tmp) / "learned"), learn_config=learn_config)
+        service = RatingService(config, pipe=shipped, start_worker=False)
+        learner = Learner(service, start_thread=False)
+        try:
+            for user in users:
+                service.login(user.user_id)
+            done = 0
+            bar = tqdm(total=len(users) * checkpoints[-1], desc="raters (learn)", disable=not progress, dynamic_ncols=True)
+            for checkpoint in checkpoints:
+                for _ in range(checkpoint - done):
+                    for user in users:
+                        pair = service.next_pair(user.user_id)
+                        choice = oracle_choice(user, np.asarray(pair["left"]), np.asarray(pair["right"]))
+                        service.rate(user.user_id, pair["pair_id"], choice)
+                        bar.update(1)
+                done = checkpoint
+                rounds.append({"after": checkpoint, **learner.run_round()})
+                for user in users:
+                    rows = service.store.rated_examples(user.user_id, limit=config.max_examples)
+                    if not rows:
+                        for arm in curves:
+                            curves[arm][user.user_id].append(0.5)
+                        continue
+                    examples = [UserExample(p, from_png(g), from_png(b)) for p, g, b in rows]
+                    for arm, pipe in (("off", shipped), ("on", service.pipe)):
+                        with torch.no_grad():
+                            tokens = embed_user(pipe.user_encoder, pipe.backbone, examples).cpu()
+                        tuned = generate_personalized(pipe, prompts, seeds, tokens, 1.0, steps, None, 64)
+                        curves[arm][user.user_id].append(win_rate(oracle_reward(user, feature_matrix(detect_batch(tuned))),
+                                                                  oracle_reward(user, base)))
+            bar.close()
+        finally:
+            service.close()
+    on, off = (np.array([curves[arm][u.user_id] for u in users]) for arm in ("on", "off"))
+    table = [{"ratings": c, "learn_off": bootstrap_mean(off[:, k]), "learn_on": bootstrap_mean(on[:, k]),
+              "on_minus_off": bootstrap_mean(on[:, k] - off[:, k])} for k, c in enumerate(checkpoints)]
+    return {"checkpoints": checkpoints, "users": [u.user_id for u in users], "prompts": num_prompts, "steps": steps,
+            "rounds": rounds, "table": table, "per_user": curves}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", required=True, help="JSON list of world users (the raters)")
@@ -142,7 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=15, help="sampling steps of pairs and evaluation images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the JSON here too")
+    parser.add_argument("--learn", action="store_true",
+                        help="compare `diffpref app --learn` on and off (win rate after --checkpoints ratings)")
+    parser.add_argument("--checkpoints", default="10,20,30", help="--learn: rating counts to evaluate at")
+    parser.add_argument("--learn-config", default=None, help="--learn: YAML of training keys for each round")
     args = parser.parse_args(argv)
+    if args.learn:
+        result = simulate_learning(load_users(args.users), [int(c) for c in args.checkpoints.split(",") if c],
+                                   args.prompts, args.seed, args.adapter, args.steps, args.learn_config)
+        text = json.dumps(result, indent=2)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        print(text)
+        return 0
     result = simulate_raters(load_users(args.users), args.ratings, [m for m in args.modes.split(",") if m],
                              args.prompts, args.seed, args.adapter, args.candidates, args.steps,
                              args.candidate_prompts)
