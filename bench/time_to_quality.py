@@ -202,31 +202,57 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs-per-user", type=int, default=1000, help="pairs made for a user whose data is missing")
     parser.add_argument("--data-steps", type=int, default=15, help="make-data sampling steps for missing data")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "time_to_quality"))
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="merge the --json outputs of runs on different "
+                        "users (same methods) into one result with the mean speedup; runs nothing")
     args = parser.parse_args(argv)
     args.eval_steps = [int(s) for s in args.eval_steps.split(",") if s]
     if any(s % args.eval_every for s in args.eval_steps):
         raise SystemExit(f"--eval-steps {args.eval_steps} must be multiples of --eval-every {args.eval_every}")
+    if args.combine:
+        return _print(combine([json.loads(Path(f).read_text()) for f in args.combine]), args.json)
     methods = [parse_method(m) for m in (args.method or DEFAULT_METHODS)]
     torch.set_num_threads(1)
     started = time.time()
     users = {}
     for user in [u for u in args.users.split(",") if u]:
         users[user] = run_user(user, methods, args)
-    names = [n for n, _, _ in methods]
+    result = summarize(users, methods, args)
+    result["wall_s"] = round(time.time() - started, 1)
+    return _print(result, args.json)
+
+
+def _print(result: dict, as_json: bool) -> dict:
+    if as_json:
+        print(json.dumps(result, indent=1))
+    return result
+
+
+def combine(results: list[dict]) -> dict:
+    """One result from runs of the same methods on different users (e.g. one process per user, side by side)."""
+    users = {u: r for result in results for u, r in result["users"].items()}
+    names = [results[0]["baseline"], *results[0]["methods"]]
+    out = {**_means(users, names), "users": users, "baseline": names[0], "settings": results[0]["settings"],
+           "combined_from": len(results), "wall_s": max(r.get("wall_s", 0) for r in results)}
+    return out
+
+
+def _means(users: dict, names: list[str]) -> dict:
     per_method = {n: {"speedup_vs_dpo": _mean([users[u][n]["speedup_vs_dpo"] for u in users]),
                       "speedup_vs_dpo_total": _mean([users[u][n]["speedup_vs_dpo_total"] for u in users])}
                   for n in names[1:]}
-    result = {"speedup_vs_dpo": _mean([users[u].get("speedup_vs_dpo") for u in users]) if len(names) > 1 else None,
-              "speedup_vs_dpo_total": _mean([users[u].get("speedup_vs_dpo_total") for u in users]) if len(names) > 1 else None,
-              "methods": per_method, "users": users, "baseline": names[0],
+    first = per_method.get(names[1], {}) if len(names) > 1 else {}
+    return {"speedup_vs_dpo": first.get("speedup_vs_dpo"), "speedup_vs_dpo_total": first.get("speedup_vs_dpo_total"),
+            "methods": per_method}
+
+
+def summarize(users: dict, methods, args) -> dict:
+    names = [n for n, _, _ in methods]
+    return {**_means(users, names), "users": users, "baseline": names[0],
               "settings": {"eval_steps": args.eval_steps, "eval_prompts": args.eval_prompts,
                            "eval_sampling_steps": args.eval_sampling_steps, "adherence_tolerance": ADHERENCE_TOLERANCE,
                            "methods": [f"{n}={c.name}" + (":" + ",".join(o) if o else "") for n, c, o in methods],
                            "threads": 1, "cpus": os.cpu_count()},
-              "wall_s": round(time.time() - started, 1), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
-    if args.json:
-        print(json.dumps(result, indent=1))
-    return result
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 if __name__ == "__main__":

@@ -50,3 +50,14 @@ def test_script_runs_tiny_and_reports_the_contract_keys(tmp_path):
     assert user["runs"]["inpo"]["inversion_build_s"] > 0 and user["runs"]["dpo"]["inversion_build_s"] == 0
     crossed = ttq.first_crossing(user["runs"]["inpo"]["curve"], user["target_win_rate"], user["target_adherence_min"] + 0.02)
     assert (user["inpo"]["reached"] or {}).get("step") == (crossed or {}).get("step")
+
+
+def test_combine_merges_users_and_means_their_speedups():
+    def one(user, speedup):
+        entry = {"dpo": {"speedup_vs_dpo": 1.0, "speedup_vs_dpo_total": 1.0},
+                 "inpo": {"speedup_vs_dpo": speedup, "speedup_vs_dpo_total": speedup / 2}}
+        return {"users": {user: entry}, "baseline": "dpo", "methods": {"inpo": {}}, "settings": {}, "wall_s": 5}
+
+    merged = ttq.combine([one("a", 2.0), one("b", 4.0)])
+    assert set(merged["users"]) == {"a", "b"}
+    assert merged["speedup_vs_dpo"] == pytest.approx(3.0) and merged["speedup_vs_dpo_total"] == pytest.approx(1.5)
