@@ -12,8 +12,14 @@
 #                   reference-style loop (pairs/s, speed-up, peak GPU memory of each, in its own process)
 #   ppd             PPD step (user encoder head + user projections), batch 8 pairs, 512 px, sdpa and xformers
 #   sdxl_dpo_lora   SDXL LoRA DPO step at 1024 px, batch 2 pairs, gradient checkpointing
+#   fsdp            the trainer under `accelerate launch --config_file configs/accelerate/fsdp.yaml` (1 process):
+#                   SD1.5 architecture, DPO LoRA (checkpoint + a resumed run compared with the uninterrupted one),
+#                   DPO full fine-tuning, PPD (both trainable parts); the exported weights loaded back
+#                   (bench/sharded_train.py). --dry-run: skipped (FSDP needs CUDA), the launch and configs checked
+#   zero3           DeepSpeed ZeRO-3: skipped with the reason (the trainer's prepare calls, docs/distributed.md)
 #   cache_build     preference-cache build rate (bench/cache_build.py, when present)
-# What a GPU alone can run (FSDP / DeepSpeed, configs/accelerate/) is not measured here: docs/distributed.md.
+# Time (estimated, not yet run on a GPU): the steps' limits below add up to more than the budget; the budget
+# guard refuses or cuts whatever would end past it, so the last step (cache_build) is the one that gives way.
 #
 # Offline and self-contained: the machine needs python3 + torch (CUDA); everything else (diffusers,
 # transformers, accelerate, peft, open_clip, xformers, ...) comes from wheels in .whl/ that travel with the
@@ -48,7 +54,8 @@ if [ $DRY_RUN = 1 ]; then
     SD15=(--config embedded --batch-pairs 1)
     SDXL=(--config embedded --batch-pairs 1)
     ATTENTION="sdpa"
-    LIMIT_MFU=120 LIMIT_DPO=180 LIMIT_PPD=180 LIMIT_SDXL=180 LIMIT_CACHE=120
+    LIMIT_MFU=120 LIMIT_DPO=180 LIMIT_PPD=180 LIMIT_SDXL=180 LIMIT_CACHE=120 LIMIT_FSDP=120 LIMIT_ZERO3=60
+    FSDP=(--validate-only)  # FSDP needs CUDA: the launch and the runs' configs are checked, nothing trains
 else
     DEV=()
     SD15=(--config sd15 --batch-pairs 8)
@@ -56,7 +63,8 @@ else
     ATTENTION="sdpa"  # and xformers where its kernels really run (an import can succeed with no kernels)
     python3 -c "from diffpref.models.loading import xformers_available as ok; raise SystemExit(not ok())" 2> /dev/null \
         && ATTENTION="sdpa xformers"
-    LIMIT_MFU=60 LIMIT_DPO=110 LIMIT_PPD=110 LIMIT_SDXL=120 LIMIT_CACHE=45
+    LIMIT_MFU=50 LIMIT_DPO=100 LIMIT_PPD=100 LIMIT_SDXL=110 LIMIT_CACHE=45 LIMIT_FSDP=150 LIMIT_ZERO3=20
+    FSDP=(--timeout 120)
 fi
 
 python3 - "$DRY_RUN" > "$WORK/env.jsonl" 2> "$WORK/env.err" <<'EOF'
@@ -103,6 +111,8 @@ step mfu_sd15 $LIMIT_MFU "${TS[@]}" --flops "${SD15[@]}" --attention $ATTENTION
 step sd15_dpo_lora $LIMIT_DPO "${TS[@]}" "${SD15[@]}" --method dpo --lora-rank 8
 step ppd $LIMIT_PPD "${TS[@]}" "${SD15[@]}" --method ppd --attention $ATTENTION
 step sdxl_dpo_lora $LIMIT_SDXL "${TS[@]}" "${SDXL[@]}" --method dpo --lora-rank 8
+step fsdp $LIMIT_FSDP python3 bench/sharded_train.py --json "${FSDP[@]}"
+step zero3 $LIMIT_ZERO3 python3 bench/sharded_train.py --json --engine zero3
 if [ -f bench/cache_build.py ]; then
     CB=(python3 bench/cache_build.py --json --processes 1)  # one GPU: one process
     if [ $DRY_RUN = 1 ]; then CB+=(--pairs 16); else CB+=(--pairs 1024); fi
@@ -124,7 +134,7 @@ def lines(name):
             pass  # a library's stray print on stdout
     return out
 report = {"env": lines("env")[0]}
-for name in ("mfu_sd15", "sd15_dpo_lora", "ppd", "sdxl_dpo_lora", "cache_build"):
+for name in ("mfu_sd15", "sd15_dpo_lora", "ppd", "sdxl_dpo_lora", "fsdp", "zero3", "cache_build"):
     rows = lines(name)
     report[name] = rows[0] if len(rows) == 1 else rows
 report["wall_s"] = int(time.time()) - start

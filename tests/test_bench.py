@@ -230,7 +230,8 @@ def run_gpu_sh(budget_s: int) -> dict:
     return json.loads(lines[0])
 
 
-GPU_SH_STEPS = ("mfu_sd15", "sd15_dpo_lora", "ppd", "sdxl_dpo_lora", "cache_build")
+GPU_SH_STEPS = ("mfu_sd15", "sd15_dpo_lora", "ppd", "sdxl_dpo_lora", "fsdp", "zero3", "cache_build")
+GPU_ONLY_STEPS = {"fsdp", "zero3"}  # skipped on the CPU, with the reason (FSDP: after checking launch and configs)
 
 
 def test_gpu_sh_dry_run_assembles_one_json_within_its_budget():
@@ -254,6 +255,15 @@ def test_gpu_sh_dry_run_runs_every_step():
     assert dpo["method"] == "dpo" and dpo["lora_rank"] == 8 and dpo["gradient_checkpointing"] is True
     assert dpo["pairs_per_s"] > 0 and dpo["ref_pairs_per_s"] > 0 and dpo["objective_abs_diff"] <= 1e-3
     assert result["ppd"]["method"] == "ppd" and result["ppd"]["pairs_per_s"] > 0
+    # exactly the GPU-only steps are skipped, each saying why; the FSDP step checked what it would run
+    assert {name for name in GPU_SH_STEPS if "skipped" in result[name]} == GPU_ONLY_STEPS
+    assert "needs CUDA" in result["fsdp"]["skipped"] and "train_micro_batch_size_per_gpu" in result["zero3"]["skipped"]
+    launch = result["fsdp"]["fsdp_launch"]
+    assert launch["problems"] == [] and launch["env"]["ACCELERATE_USE_FSDP"] == "true"
+    assert launch["env"]["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    assert set(result["fsdp"]["runs"]) == {"dpo_lora", "dpo_lora_resume", "dpo_full", "ppd"}
+    for command in result["fsdp"]["runs"].values():
+        assert command.startswith("accelerate launch --config_file ") and "configs/accelerate/fsdp.yaml" in command
 
 
 @pytest.mark.slow  # the full-size lane's code path at tiny shapes: five cases, each in its own process
