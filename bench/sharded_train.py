@@ -269,7 +269,7 @@ def run(args) -> dict:
                                 "distributed_type": runs[name]["summary"]["distributed_type"],
                                 "steps": runs[name]["summary"]["steps"],
                                 "losses": [h["loss"] for h in runs[name]["history"]]}
-            except Exception as exc:  # a failed run is reported and the others still run
+            except (RuntimeError, OSError, ValueError, KeyError) as exc:  # reported; the other runs still run
                 report[name] = {"failed": str(exc)[-1500:]}
 
         # dpo_lora, dpo_full and ppd side by side (one GPU holds all three; each its own cache), then the resume
