@@ -4,12 +4,16 @@
 *authenticated* user id as its first argument and leaves ownership checks to the store, so
 the UI and the API cannot differ in what one person may see or change.
 
-- Pairs are made ahead: each person has a small queue of generated, unrated pairs, topped up
-  by a background thread after every rating. The queue *is* the store's pending pairs, so it
-  survives restarts and ``next_pair`` is a database read (no model call) when the queue is full.
-- A pair is chosen by ``pairs.select_pair`` (active learning on CLIP image embeddings) among
-  ``candidates`` images of each of ``candidate_prompts`` prompts, both images from one prompt;
-  or it is two images of one random prompt (random mode).
+- Pairs come from a warm pool (``pool.py``): base-model candidate images that fit anyone, made in
+  batched pipeline calls by a background thread while the app is idle. A person's next pair is a
+  choice among pooled candidates and a database write (milliseconds), made right after each rating,
+  so each person has ``queue_size`` pairs waiting. The queue *is* the store's pending pairs, so it
+  survives restarts and ``next_pair`` is a database read. The pool grows whenever an active person
+  runs low; only if it runs dry does a person wait for a generation (the UI then says so).
+- A pair is chosen by ``pairs.select_pair`` (active learning on CLIP image embeddings) among the
+  unseen candidates of ``candidate_prompts`` pooled prompts, both images from one prompt; or it is
+  two random unseen candidates of one prompt (random mode). When idle, the thread also adds pairs
+  with images of the person's own model (base vs. personalized) and recomputes their profile.
 - The person's tokens come from their most recent decided ratings and are cached per set of
   ratings, so generating again after no new rating costs no encoder pass.
 """
@@ -228,16 +232,22 @@ class RatingService:
     def _idle_step(self) -> bool:
         """One piece of idle work, most urgent first; False when there was nothing to do."""
         people = self._active_people()
-        # 1. Keep every active person `low_water` pairs ahead in the pool, and the pool full for newcomers.
+        # 1. Keep every active person `low_water` pairs ahead in the pool.
         low_water = self._groups_per_pair * LOW_WATER_PAIRS
-        if len(self.pool) < self.pool.max_groups or any(self.pool.available(u) < low_water for u in people):
+        if any(self.pool.available(u) < low_water for u in people):
             self._grow_pool()
             return True
-        # 2. Profiles of people whose ratings changed, so that opening it costs no generation.
-        for user_id in people:
-            if self._refresh_profile(user_id):
-                return True
-        # 3. A pair with images from the person's own model (base vs. personalized), behind the queue.
+        # 2. A first profile for people with a model, so that opening it costs no generation.
+        if any(self._refresh_profile(u, first_only=True) for u in people):
+            return True
+        # 3. The pool full, for whoever comes next.
+        if len(self.pool) < self.pool.max_groups:
+            self._grow_pool()
+            return True
+        # 4. Profiles that people have opened, after their newer choices.
+        if any(self._refresh_profile(u) for u in people):
+            return True
+        # 5. A pair with images of the person's own model (base vs. personalized), behind the queue.
         for user_id in people:
             if self._personal_pair_due(user_id):
                 with self._user_lock(user_id):
@@ -296,7 +306,7 @@ class RatingService:
                 seeds = [int(s) for s in self._rng.integers(0, MAX_SEED, size=len(prompts) * per_prompt)]
             flat = [p for p in prompts for _ in range(per_prompt)]
             images = self._candidate_images(flat, seeds)
-            features = self._embed(images) if self.image_features else None
+            features = self._embed(images) if self._active_mode else None  # random pairs need no features
             for g, prompt in enumerate(prompts):
                 at = slice(g * per_prompt, (g + 1) * per_prompt)
                 self.pool.add(prompt, seeds[at], images[at], None if features is None else features[at])
@@ -353,7 +363,7 @@ class RatingService:
                 self.pool.take(user_id, group, (k,))
         prompt = flat[first][6]
         ids = [self.store.add_image(user_id, prompt, to_png(flat[k][2]), flat[k][4], flat[k][5]) for k in (first, second)]
-        if self.image_features:
+        if self._active_mode:
             self._remember_features(ids, np.stack([flat[first][3], flat[second][3]]))
         return self.store.add_pair(user_id, prompt, ids[0], ids[1])
 
@@ -367,7 +377,7 @@ class RatingService:
             return []
         seeds = [int(s) for s in rng.integers(0, MAX_SEED, size=max(1, self.config.candidates // 2))]
         images = self._generate([prompt] * len(seeds), seeds, tokens, 1.0, self.pair_steps)
-        features = self._embed(images) if self.image_features else [None] * len(images)
+        features = self._embed(images) if self._active_mode else [None] * len(images)
         model = f"{self.model_name}+ppd@1.00"
         return [(None, None, im, f, model, s, prompt) for im, f, s in zip(images, features, seeds)]
 
@@ -564,20 +574,23 @@ class RatingService:
             cached = self._profiles.get(user_id)
         if cached is not None and cached[0] == (key, scale, top):
             return {**summary, **cached[1], "stale": False}
-        if cached is not None and cached[0][1:] == (scale, top) and not wait:
-            self._touch(user_id)  # the background thread refreshes it next
+        if cached is not None and cached[0][2] == top and not wait:
+            # Older choices or another user scale (its own ``user_scale`` says which): shown now, remade next.
+            self._touch(user_id)
             return {**summary, **cached[1], "stale": True}
         return {**summary, **self._compute_profile(user_id, key, scale, top), "stale": False}
 
-    def _refresh_profile(self, user_id: str) -> bool:
-        """Idle work: recompute the profile of a person whose choices changed since it was made."""
+    def _refresh_profile(self, user_id: str, first_only: bool = False) -> bool:
+        """Idle work: make the person's first profile, or (unless ``first_only``) remake the one they
+        opened if their choices changed since; False when there was nothing to do."""
+        if not self.world and not self.image_features:
+            return False
         key = self._ratings_key(user_id)
         with self._state_lock:
+            opened = user_id in self._profile_wanted
             scale = self._profile_wanted.get(user_id, 1.0)
             cached = self._profiles.get(user_id)
-        if not key or (cached is not None and cached[0][:2] == (key, scale)):
-            return False
-        if not self.world and not self.image_features:
+        if not key or (cached is not None and (first_only or not opened or cached[0][:2] == (key, scale))):
             return False
         self._compute_profile(user_id, key, scale, 8)
         return True
@@ -596,7 +609,7 @@ class RatingService:
         else:
             with self._model_lock:
                 result = clip_profile(self.pipe.backbone, list(base), list(pers), top=top)
-        result = {**result, "decided_then": self._decided(user_id)}
+        result = {**result, "decided_then": self._decided(user_id), "user_scale": scale}
         with self._state_lock:
             self._profiles[user_id] = ((key, scale, top), result)
         return result
