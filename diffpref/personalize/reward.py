@@ -21,9 +21,9 @@ their K choices (``PrototypeRewardModel.person``):
 Candidates of one prompt share it, so the world model scores images only (a text term would
 cancel in every comparison it is used for); ``score`` still takes the prompts, for models that do.
 
-    model = PrototypeRewardModel.from_pretrained("embedded-reward")
-    reward = model.person(examples)                 # examples: UserExample(prompt, preferred, rejected)
+    reward = person_reward(examples)                # examples: UserExample(prompt, preferred, rejected)
     scores = reward.score(images, prompts)          # higher = this person likes it more
+    out = pipe(prompt, seed=s, best_of=8, reward=reward)   # PersonalizedPipeline: the best of 8 is shown
 """
 
 from __future__ import annotations
@@ -185,6 +185,23 @@ class PrototypeRewardModel(nn.Module):
         return model.eval().requires_grad_(False)
 
 
+_LOADED: dict[str, PrototypeRewardModel] = {}
+
+
+def person_reward(examples: Sequence[UserExample], model: str | os.PathLike | PrototypeRewardModel = EMBEDDED_REWARD,
+                  estimator: str = "posterior") -> "PersonReward":
+    """The reward of the person who made ``examples`` (their stored choices), for ``pipe(..., best_of=N, reward=)``.
+
+    A model given by name is loaded once per process. Ties and skips are not choices: leave them out.
+    """
+    if not isinstance(model, PrototypeRewardModel):
+        key = str(resolve_reward_path(model).resolve())
+        if key not in _LOADED:
+            _LOADED[key] = PrototypeRewardModel.from_pretrained(key)
+        model = _LOADED[key]
+    return model.person(examples, estimator=estimator)
+
+
 @dataclass
 class PersonReward:
     """One person's reward: ``score(images)`` = sum_j w_j * (prototype j's reward)."""
@@ -217,7 +234,7 @@ class LinearEmbeddingReward:
 
 def train_reward_model(embeddings: np.ndarray, labels: np.ndarray, num_prototypes: int = 20, feature_dim: int = 32,
                        hidden: int = 128, steps: int = 1500, lr: float = 3e-3, weight_decay: float = 1e-4,
-                       mixture_l2: float = 1e-3, mixture_lr: float = 0.05, mixture_entropy: float = 0.0, seed: int = 0, backbone: str | list | None = None,
+                       mixture_l2: float = 1e-3, mixture_lr: float = 0.05, seed: int = 0, backbone: str | list | None = None,
                        progress: bool = True) -> tuple[PrototypeRewardModel, np.ndarray]:
     """Fit ``f``, the prototypes and each training person's w on a shared pool of pairs (full batch, Adam).
 
@@ -242,10 +259,7 @@ def train_reward_model(embeddings: np.ndarray, labels: np.ndarray, num_prototype
         proto = model.prototype_rewards(emb)                        # [n, 2, M]
         margin = torch.softmax(logits, -1) @ (proto[:, 0] - proto[:, 1]).T  # [U, n]: r_u(image 0) - r_u(image 1)
         loss = (F.binary_cross_entropy_with_logits(margin, y, reduction="none") * decided).sum() / decided.sum()
-        mix = torch.softmax(logits, -1)
-        # an entropy cost makes each training person hold few prototypes, so prototypes become single tastes
-        # and the sparse Dirichlet prior of the few-shot step describes the people it was learned from
-        loss = loss + mixture_l2 * logits.pow(2).mean() - mixture_entropy * (mix * mix.clamp_min(1e-12).log()).sum(-1).mean()
+        loss = loss + mixture_l2 * logits.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
