@@ -266,7 +266,7 @@ def test_app_starts_and_lists_the_api(app):
     assert not any(name.startswith("/ui_") for name in api)  # UI handlers are private
 
 
-def test_rate_then_profile_then_generate(app):
+def test_rate_then_profile_then_generate(app, capfd):
     from diffpref.app.server import decode_image
 
     service, url, _ = app
@@ -304,6 +304,10 @@ def test_rate_then_profile_then_generate(app):
             client.predict(*args, api_name="/generate")
     with pytest.raises(Exception, match="names are"):
         client.predict("../etc", api_name="/next_pair")
+    with pytest.raises(Exception, match="enter your name"):
+        client.predict("", api_name="/next_pair")
+    logged = capfd.readouterr()
+    assert "Traceback" not in logged.out + logged.err  # input errors are answers, not server faults
 
 
 def test_embedding_follows_the_ratings(app):

@@ -275,7 +275,8 @@ class RatingApp:
             return
         if not self.service.pair_ready(user):
             yield shown("Preparing your first pair (the app is still warming up)…"), *skip
-        hello = f"Signed in as **{user}**" + ("" if self.auth_mode else " (open mode: for local use)")
+        hello = (f"Signed in as **{user}**" + ("" if self.auth_mode else " (open mode: for local use)")
+                 + f" · {self.service.model_info(user)}")
         yield (hidden(), user, gr.update(visible=False), gr.update(visible=True), hello,
                *self._pair_outputs(user), *self._model_outputs(user, prompt, seed, scale))
 

@@ -232,22 +232,26 @@ class RatingService:
     def _idle_step(self) -> bool:
         """One piece of idle work, most urgent first; False when there was nothing to do."""
         people = self._active_people()
-        # 1. Keep every active person `low_water` pairs ahead in the pool.
+        # 1. Every active person at least two pairs ahead in the pool.
+        if any(self.pool.available(u) < 2 * self._groups_per_pair for u in people):
+            self._grow_pool()
+            return True
+        # 2. A first profile for people with a model (once), so that opening it later shows one at once.
+        if any(self._refresh_profile(u, first_only=True) for u in people):
+            return True
+        # 3. Every active person `low_water` pairs ahead.
         low_water = self._groups_per_pair * LOW_WATER_PAIRS
         if any(self.pool.available(u) < low_water for u in people):
             self._grow_pool()
             return True
-        # 2. A first profile for people with a model, so that opening it costs no generation.
-        if any(self._refresh_profile(u, first_only=True) for u in people):
-            return True
-        # 3. The pool full, for whoever comes next.
+        # 4. The pool full, for whoever comes next.
         if len(self.pool) < self.pool.max_groups:
             self._grow_pool()
             return True
-        # 4. Profiles that people have opened, after their newer choices.
+        # 5. Profiles that people have opened, after their newer choices.
         if any(self._refresh_profile(u) for u in people):
             return True
-        # 5. A pair with images of the person's own model (base vs. personalized), behind the queue.
+        # 6. A pair with images of the person's own model (base vs. personalized), behind the queue.
         for user_id in people:
             if self._personal_pair_due(user_id):
                 with self._user_lock(user_id):
