@@ -96,9 +96,10 @@ def grid_prefix(points: Tensor, index: Tensor) -> Tensor:
 
 
 def _walk(denoise: Denoiser, x0: Tensor, grid: Tensor, alphas_cumprod: Tensor, eta: float,
-          generator: torch.Generator | None, keep: bool) -> tuple[Tensor, list[Tensor]]:
+          generator: torch.Generator | None, keep: bool, round_to: torch.dtype | None = None) -> tuple[Tensor, list[Tensor]]:
     """DDIM steps along per-sample ``grid`` [B, n + 1] (column 0 = the clean x0); the end state and, with
-    ``keep``, every intermediate state (after each column 1..n), all in the compute dtype."""
+    ``keep``, every intermediate state (after each column 1..n), all in the compute dtype. ``round_to``:
+    round every state to this dtype as it is reached (a walk whose states are exactly what gets stored)."""
     compute_dtype = torch.promote_types(x0.dtype, torch.float32)
     abar = alphas_cumprod.to(device=x0.device, dtype=compute_dtype)
     x, states = x0.to(compute_dtype), []
@@ -119,6 +120,8 @@ def _walk(denoise: Denoiser, x0: Tensor, grid: Tensor, alphas_cumprod: Tensor, e
         # A repeated grid point is no step at all; the clean start (k == 0) always moves.
         moves = (s_next > s) if k > 0 else torch.ones_like(s, dtype=torch.bool)
         x = torch.where(_per_sample(moves, x.ndim), x_next, x)
+        if round_to is not None:
+            x = x.to(round_to).to(compute_dtype)
         if keep:
             states.append(x)
     return x, states
@@ -208,17 +211,21 @@ def ddim_invert(
 
 
 @torch.no_grad()
-def invert_along(denoise: Denoiser, x0: Tensor, points: Tensor, alphas_cumprod: Tensor) -> Tensor:
+def invert_along(denoise: Denoiser, x0: Tensor, points: Tensor, alphas_cumprod: Tensor,
+                 round_to: torch.dtype | None = None) -> Tensor:
     """The deterministic DDIM trajectory of x0 [B, ...] along the shared grid ``points`` [K]: [B, K, ...].
 
     Entry [:, k] is x at ``points[k]``: what ``ddim_invert(..., grid=grid_prefix(points, k))`` returns,
     computed for every k in ``K`` denoiser calls (the cached InPO inversion, ``training.cache.inversion``).
-    Same arithmetic as ``ddim_invert`` (Song et al. 2021, eq. 13 forwards in time), eta = 0.
+    Same arithmetic as ``ddim_invert`` (Song et al. 2021, eq. 13 forwards in time), eta = 0. ``round_to``
+    (e.g. float16, the cache's dtype): every state is rounded as it is reached, so each denoiser call after
+    the first sees exactly a stored state (the cache records the reference's outputs there, see
+    ``training.cache.inversion``); the result then differs from the unrounded walk by a few ulps of it.
     """
     if points.ndim != 1 or not len(points):
         raise ValueError(f"points must be a non-empty LongTensor [K], got shape {list(points.shape)}")
     points = points.to(device=x0.device, dtype=torch.long)
     _check_inputs(x0, points[-1].expand(x0.shape[0]), alphas_cumprod, 0.0)
     grid = torch.cat([torch.zeros_like(points[:1]), points])[None, :].expand(x0.shape[0], -1)
-    _, states = _walk(denoise, x0, grid, alphas_cumprod, 0.0, None, keep=True)
+    _, states = _walk(denoise, x0, grid, alphas_cumprod, 0.0, None, keep=True, round_to=round_to)
     return torch.stack(states, dim=1).to(x0.dtype)

@@ -208,13 +208,30 @@ def _logistic_preference(x: ObjectiveInputs, pairs: _Pairs, loss_fn) -> Objectiv
     label = x.batch["label"]
     m0, m1 = _pair_errors(x.policy, pairs.x_t, pairs.t2, pairs.cond2, pairs.target)
     with torch.no_grad():
-        r0, r1 = _pair_errors(x.reference, pairs.x_t, pairs.t2, pairs.cond2, pairs.target)
+        r0, r1 = _reference_errors(x, pairs)
     # Soft labels weight the two orientations of the pair (label 1 or 0 gives the plain loss).
     loss = label * loss_fn(m0, m1, r0, r1, x.beta) + (1 - label) * loss_fn(m1, m0, r1, r0, x.beta)
     mw, ml = _winner_first(m0, m1, label)
     rw, rl = _winner_first(r0, r1, label)
     metrics = {k: float(v) for k, v in losses.dpo_metrics(mw, ml, rw, rl, x.beta).items()}
     return ObjectiveOutput(loss, metrics, pairs.extra_forward_passes)
+
+
+def _reference_errors(x: ObjectiveInputs, pairs: _Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's errors of both images: read from the inversion cache where it holds them (InPO, prompt
+    kept: the cache recorded the reference's output at exactly this x_t, prompt and t), else one reference pass
+    (over the prompt-dropped samples only, when the rest are cached)."""
+    if "ref_err_0" not in x.batch:
+        return _pair_errors(x.reference, pairs.x_t, pairs.t2, pairs.cond2, pairs.target)
+    r0, r1 = x.batch["ref_err_0"].float().clone(), x.batch["ref_err_1"].float().clone()
+    dropped = x.batch.get("prompt_dropped")
+    if dropped is not None and bool(dropped.any()):
+        i = dropped.nonzero().flatten()
+        rows = torch.cat([i, i + len(r0)])
+        cond = {k: v[rows] for k, v in pairs.cond2.items()}
+        d0, d1 = _pair_errors(x.reference, pairs.x_t[rows], pairs.t2[rows], cond, pairs.target[rows])
+        r0[i], r1[i] = d0, d1
+    return r0, r1
 
 
 def dpo(x: ObjectiveInputs) -> ObjectiveOutput:

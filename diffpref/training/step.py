@@ -272,6 +272,7 @@ def collate(items: list[dict], empty_cond: dict, drop: torch.Tensor) -> dict:
     batch = {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
     cond = {k: batch.pop(k) for k in ("prompt_embeds", "pooled_prompt_embeds") if k in batch}
     batch["cond_undropped"] = dict(cond)  # InPO inverts with the image's own prompt (objectives._inverted)
+    batch["prompt_dropped"] = drop.clone()  # InPO's cached reference errors hold for the kept prompts only
     # Prompt dropout: some samples see the empty prompt, so guidance still has an unconditional branch.
     for key, value in cond.items():
         empty = empty_cond[key].to(value.dtype).expand_as(value)

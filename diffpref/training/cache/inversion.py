@@ -9,7 +9,9 @@ running up to K inversion passes every step: an InPO step then costs what a DPO 
 Files, in ``<latent cache>/inversion-<key>/`` (the same chunks as the latent cache, row for row):
 
   inv-CCCCCC.safetensors   per row of chunk c: latents_0, latents_1 [n, K, C, h, w] fp16 (with
-                           random_flip also latents_0_flipped, latents_1_flipped): x at every grid point
+                           random_flip also latents_0_flipped, latents_1_flipped): x at every grid point;
+                           ref_err_0, ref_err_1 [n, K] fp32 (+ _flipped): the reference's error at
+                           each stored x_t under the image's own prompt (see below)
   meta.json                the key material and the grid (written last: marks the build finished)
 
 The key hashes the latent cache's key (data, VAE, text encoders, so the prompt encoding), the
@@ -17,6 +19,12 @@ reference UNet (a sample of its weights, its config, the dtype it runs in), the 
 schedule and the prediction type: a change in any of them builds a new directory. Every process
 of a torch.distributed run inverts its own contiguous share of the chunks, as the latent builder
 encodes its share; process 0 writes meta.json after a barrier.
+
+The reference's errors come almost free: the walk calls the reference at every grid point but the
+last (the state it steps from), so one more call gives its output at all K stored x_t, and the
+InPO step needs no reference pass for the samples that keep their prompt (a prompt-dropped sample
+is scored under the empty prompt, so the step runs the reference on those few). The walk rounds
+each state to fp16 as it is reached, so these outputs are the reference's at exactly the stored x_t.
 
 Size: K x images x C x h x w x 2 bytes per pair; for SD1.5 at 512 px (4 x 64 x 64 latents) and
 K = 10 that is 10 x 2 x 32 KiB = 640 KiB per pair (docs/training.md says when it pays).
@@ -32,7 +40,8 @@ from typing import Any
 
 import torch
 
-from diffpref.inversion import invert_along
+from diffpref.inversion import implied_noise, invert_along
+from diffpref.losses import per_sample_mse
 from diffpref.training.cache import layout as _layout
 from diffpref.training.cache.builder import _barrier, _save, _write_json, process_group
 from diffpref.training.cache.layout import STORE_DTYPE, _config_digest, _weights_digest, chunk_file
@@ -41,7 +50,7 @@ from diffpref.training.cache.sources import rank_chunks
 from diffpref.training.conditioning import pair_cond
 
 # Bump when the meaning of the stored trajectories changes.
-INVERSION_VERSION = 1
+INVERSION_VERSION = 2  # 2: reference errors, states rounded to fp16 along the walk
 KIND = "inv"
 
 
@@ -81,10 +90,11 @@ class InversionCache:
         flips = flips if flips is not None else [False, False]
         chunk_pos = _locate(self._rows, index)
         handle = self._rows._handle(chunk_pos[0])
-        out = {}
+        out, row = {}, chunk_pos[1]
         for column, flipped in zip(("0", "1"), flips):
-            name = f"latents_{column}" + ("_flipped" if flipped else "")
-            out[f"inverted_{column}"] = handle.get_slice(name)[chunk_pos[1]:chunk_pos[1] + 1, k:k + 1][0, 0].float()
+            suffix = "_flipped" if flipped else ""
+            out[f"inverted_{column}"] = handle.get_slice(f"latents_{column}{suffix}")[row:row + 1, k:k + 1][0, 0].float()
+            out[f"ref_err_{column}"] = handle.get_slice(f"ref_err_{column}{suffix}")[row:row + 1, k:k + 1][0, 0]
         return out
 
 
@@ -128,7 +138,8 @@ def build_inversion_cache(parts, reference: dict[str, Any], points: torch.Tensor
             for i in range(0, len(rows), batch_size):
                 for name, value in _invert_rows(parts, rows[i:i + batch_size], points).items():
                     tensors.setdefault(name, []).append(value)
-            _save({k: torch.cat(v).to(STORE_DTYPE).contiguous() for k, v in tensors.items()},
+            _save({k: torch.cat(v).to(torch.float32 if k.startswith("ref_err") else STORE_DTYPE).contiguous()
+                   for k, v in tensors.items()},
                   chunk_file(building, KIND, c))
             bar.update(1)
     _barrier(world)  # every share is on disk
@@ -157,8 +168,23 @@ def _invert_rows(parts, rows: list[int], points: torch.Tensor) -> dict[str, torc
         batch = to_device(collate(items, cache.empty_prompt_cond, drop), parts.accelerator.device, torch.float32)
         cond2 = pair_cond(batch)
         x0 = torch.cat([batch["latents_0"], batch["latents_1"]])
-        trajectory = invert_along(lambda z, s: schedule.eps_from_output(parts.reference(z, s, cond2), z, s),
-                                  x0, points, schedule.alphas_cumprod).cpu()
+        outputs = []
+
+        def reference(z, s):
+            outputs.append(parts.reference(z, s, cond2))  # raw model output (eps or v) at the state stepped from
+            return schedule.eps_from_output(outputs[-1], z, s)
+
+        trajectory = invert_along(reference, x0, points, schedule.alphas_cumprod, round_to=STORE_DTYPE)
+        last = points[-1].expand(len(x0)).to(x0.device)
+        outputs.append(parts.reference(trajectory[:, -1], last, cond2))  # the one extra call: at the top point
+        errors = []
+        for k, point in enumerate(points.tolist()):  # call k + 1 ran at the state of grid point k
+            t = torch.full((len(x0),), point, dtype=torch.long, device=x0.device)
+            eps_star = implied_noise(trajectory[:, k], x0, t, schedule.alphas_cumprod)
+            errors.append(per_sample_mse(outputs[k + 1], schedule.target(x0, eps_star, t)))
+        errors = torch.stack(errors, dim=1).float().cpu()
+        trajectory = trajectory.cpu()
         suffix = "_flipped" if flipped else ""
         out[f"latents_0{suffix}"], out[f"latents_1{suffix}"] = trajectory.chunk(2)
+        out[f"ref_err_0{suffix}"], out[f"ref_err_1{suffix}"] = errors.chunk(2)
     return out
