@@ -132,15 +132,44 @@ def run_method(cfg, evaluator) -> dict:
 
     load_before = os.getloadavg()
     summary = train(cfg, evaluator=evaluator)
-    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "history.jsonl").read_text().splitlines()]
+    run = read_run(Path(cfg.output_dir), summary)
+    run.update(loadavg_before=[round(x, 2) for x in load_before], loadavg_after=[round(x, 2) for x in os.getloadavg()])
+    (Path(cfg.output_dir) / "time_to_quality_run.json").write_text(json.dumps(run, indent=1))
+    return run
+
+
+def read_run(output_dir: Path, summary: dict | None = None) -> dict:
+    """A finished run's curve and timings from its output folder (summary.json, history.jsonl)."""
+    summary = summary or json.loads((output_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
     curve = [{"step": r["step"], "train_s": r["train_s"], "win_rate_vs_base": r["win_rate_vs_base"],
               "adherence": r["adherence"]} for r in rows if "win_rate_vs_base" in r]
     final = summary["eval"]
     curve.append({"step": summary["steps"], "train_s": summary["train_s"],
                   "win_rate_vs_base": final["win_rate_vs_base"], "adherence": final["adherence"]})
     return {"steps": summary["steps"], "train_s": summary["train_s"], "inversion_build_s": summary["inversion_build_s"],
-            "s_per_step": summary["train_s"] / summary["steps"], "curve": curve,
-            "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+            "s_per_step": summary["train_s"] / summary["steps"], "curve": curve}
+
+
+def collect_user(user: str, methods, args) -> dict:
+    """``--from-outputs``: the result of a user's finished runs in --out, without training (a run that did not
+    finish is left out; the baseline must have finished)."""
+    out = Path(args.out) / user
+    metas = sorted((out / "cache").glob("*/meta.json"))
+    latent_s = max(json.loads(m.read_text())["build"]["seconds_per_rank"] for m in metas)[0] if metas else 0.0
+    runs = {}
+    for name, config, overrides in methods:
+        folder = out / name
+        if (folder / "time_to_quality_run.json").exists():
+            run = json.loads((folder / "time_to_quality_run.json").read_text())
+        elif (folder / "summary.json").exists():
+            run = read_run(folder)
+        else:
+            continue
+        run["precompute_s"] = latent_s + run["inversion_build_s"]
+        run["config"] = f"{config.name}" + (f":{','.join(overrides)}" if overrides else "")
+        runs[name] = run
+    return _user_result(latent_s, runs, methods)
 
 
 def run_user(user: str, methods: list[tuple[str, Path, list[str]]], args) -> dict:
@@ -171,8 +200,17 @@ def run_user(user: str, methods: list[tuple[str, Path, list[str]]], args) -> dic
         run["precompute_s"] = latent_s + run["inversion_build_s"]
         run["config"] = f"{config.name}" + (f":{','.join(overrides)}" if overrides else "")
         runs[name] = run
+    return _user_result(latent_s, runs, methods)
+
+
+def _user_result(latent_s: float, runs: dict, methods) -> dict:
+    if methods[0][0] not in runs:
+        raise SystemExit(f"the baseline {methods[0][0]!r} has no finished run")
     result = {"latent_cache_s": latent_s, "runs": runs, **speedups(runs)}
-    first_other = next((n for n in runs if n != methods[0][0]), None)
+    for name, _, _ in methods:
+        result.setdefault(name, {"reached": None, "speedup_vs_dpo": None, "speedup_vs_dpo_total": None,
+                                 "missing": True})
+    first_other = next((n for n, _, _ in methods if n != methods[0][0]), None)
     if first_other is not None:
         result["speedup_vs_dpo"] = result[first_other]["speedup_vs_dpo"]
         result["speedup_vs_dpo_total"] = result[first_other]["speedup_vs_dpo_total"]
@@ -202,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs-per-user", type=int, default=1000, help="pairs made for a user whose data is missing")
     parser.add_argument("--data-steps", type=int, default=15, help="make-data sampling steps for missing data")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "time_to_quality"))
+    parser.add_argument("--from-outputs", action="store_true", help="train nothing: read the finished runs in --out "
+                        "(e.g. of an interrupted benchmark) and report them")
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="merge the --json outputs of runs on different "
                         "users (same methods) into one result with the mean speedup; runs nothing")
     args = parser.parse_args(argv)
@@ -215,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     users = {}
     for user in [u for u in args.users.split(",") if u]:
-        users[user] = run_user(user, methods, args)
+        users[user] = collect_user(user, methods, args) if args.from_outputs else run_user(user, methods, args)
     result = summarize(users, methods, args)
     result["wall_s"] = round(time.time() - started, 1)
     return _print(result, args.json)
