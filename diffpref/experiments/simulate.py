@@ -207,6 +207,79 @@ def simulate_learning(users: Sequence[WorldUser], checkpoints: Sequence[int] = (
             "rounds": rounds, "table": table, "per_user": curves}
 
 
+# Per-person LoRA keys: configs/embedded_dpo.yaml's recipe with the step budget of a `--learn` round.
+PERSON_LORA_KEYS = {"method": "dpo", "beta": 5000, "learning_rate": 0.0005, "train_batch_size": 8, "max_train_steps": 150,
+                    "lora_rank": 8, "prompt_dropout": 0.1, "lr_warmup_steps": 20, "checkpointing_steps": 100000,
+                    "report_to": "none", "seed": 0, "threads": 1}
+
+
+def simulate_person_loras(users: Sequence[WorldUser], ratings: int = 30, num_prompts: int = 32, seed: int = 0,
+                          adapter: str = "embedded-ppd", steps: int = 15, work_dir: str | None = None,
+                          progress: bool = True) -> dict[str, Any]:
+    """The alternative to ``--learn``: one DPO LoRA per person, trained on that person's ratings only.
+
+    The raters rate ``ratings`` pairs through the service (as in ``simulate_learning``); then per rater the
+    oracle win rate against the base of (a) the shared PPD adapter with their tokens (no training) and
+    (b) their own LoRA (``PERSON_LORA_KEYS``, the shared trainer without user conditioning)."""
+    import sqlite3
+
+    from diffpref.config import load_config
+    from diffpref.experiments.ppd_eval import generate_personalized
+    from diffpref.experiments.preference_eval import eval_prompts, generate_world_images
+    from diffpref.models.loading import load_adapter, load_pipeline
+    from diffpref.personalize.encoder import embed_user
+    from diffpref.personalize.pipeline import PersonalizedPipeline
+    from diffpref.training.config import TrainConfig
+    from diffpref.training.trainer import train
+
+    shipped = PersonalizedPipeline.from_base(load_pipeline("embedded"), adapter)
+    shipped.set_progress_bar_config(disable=True)
+    prompts, seeds = eval_prompts(num_prompts, seed + 1)
+    base = feature_matrix(detect_batch(generate_world_images(shipped, prompts, seeds, steps, None, 64, False, "base")))
+    result: dict[str, dict[str, float]] = {"ppd": {}, "lora": {}}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        config = AppConfig(db=str(Path(tmp) / "ratings.db"), queue_size=1, steps=steps, adapter=adapter, seed=seed)
+        service = RatingService(config, pipe=shipped, start_worker=False)
+        try:
+            for user in users:
+                service.login(user.user_id)
+            for _ in range(ratings):
+                for user in users:
+                    pair = service.next_pair(user.user_id)
+                    service.rate(user.user_id, pair["pair_id"], oracle_choice(user, np.asarray(pair["left"]),
+                                                                               np.asarray(pair["right"])))
+            for user in tqdm(users, desc="per-person LoRAs", disable=not progress):
+                rows = service.store.rated_examples(user.user_id, limit=config.max_examples)
+                examples = [UserExample(p, from_png(g), from_png(b)) for p, g, b in rows]
+                with torch.no_grad():
+                    tokens = embed_user(shipped.user_encoder, shipped.backbone, examples).cpu()
+                tuned = generate_personalized(shipped, prompts, seeds, tokens, 1.0, steps, None, 64)
+                result["ppd"][user.user_id] = win_rate(oracle_reward(user, feature_matrix(detect_batch(tuned))),
+                                                       oracle_reward(user, base))
+                own = Path(tmp) / user.user_id
+                own.mkdir()
+                with sqlite3.connect(service.store.path) as src, sqlite3.connect(own / "ratings.db") as dst:
+                    src.backup(dst)
+                with sqlite3.connect(own / "ratings.db") as conn:
+                    conn.execute("DELETE FROM ratings WHERE user_id != ?", (user.user_id,))
+                conn.close()
+                keys = {**PERSON_LORA_KEYS, "model": "embedded", "data_path": str(own / "ratings.db"),
+                        "output_dir": str(own / "lora"), "cache_dir": str(own / "cache")}
+                train(load_config(TrainConfig, None, [f"{k}={v}" for k, v in keys.items()]))
+                lora = load_adapter(load_pipeline("embedded"), own / "lora")
+                lora.set_progress_bar_config(disable=True)
+                images = generate_world_images(lora, prompts, seeds, steps, None, 64, False, "lora")
+                result["lora"][user.user_id] = win_rate(oracle_reward(user, feature_matrix(detect_batch(images))),
+                                                        oracle_reward(user, base))
+        finally:
+            service.close()
+    ids = [u.user_id for u in users]
+    ppd, lora = (np.array([result[k][u] for u in ids]) for k in ("ppd", "lora"))
+    return {"ratings": ratings, "users": ids, "prompts": num_prompts, "steps": steps, "lora_keys": PERSON_LORA_KEYS,
+            "ppd_tokens": bootstrap_mean(ppd), "person_lora": bootstrap_mean(lora),
+            "lora_minus_ppd": bootstrap_mean(lora - ppd), "per_user": result}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", required=True, help="JSON list of world users (the raters)")
@@ -224,7 +297,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare `diffpref app --learn` on and off (win rate after --checkpoints ratings)")
     parser.add_argument("--checkpoints", default="10,20,30", help="--learn: rating counts to evaluate at")
     parser.add_argument("--learn-config", default=None, help="--learn: YAML of training keys for each round")
+    parser.add_argument("--person-loras", action="store_true",
+                        help="per-person DPO LoRAs after --ratings ratings, against the shared adapter's tokens")
     args = parser.parse_args(argv)
+    if args.person_loras:
+        result = simulate_person_loras(load_users(args.users), args.ratings, args.prompts, args.seed, args.adapter,
+                                       args.steps)
+        text = json.dumps(result, indent=2)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        print(text)
+        return 0
     if args.learn:
         result = simulate_learning(load_users(args.users), [int(c) for c in args.checkpoints.split(",") if c],
                                    args.prompts, args.seed, args.adapter, args.steps, args.learn_config)
