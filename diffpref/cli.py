@@ -74,10 +74,14 @@ def cmd_generate(args) -> int:
             user_tokens = {name: tokens}
         users = sorted(user_tokens)
         extra = {"adapter": str(args.adapter)}
+    reward = None
+    if args.best_of > 1 or args.reward_examples:
+        reward = _person_reward(args)
+        extra = {**extra, "reward_model": str(args.reward_model), "reward_examples": str(args.reward_examples)}
     summary = generate_to_folder(
         pipe, plan_jobs(prompts, args.num_images, args.seed, users), args.out, batch_size=args.batch_size, steps=steps,
         guidance_scale=args.guidance_scale, model_name=args.model, user_tokens=user_tokens, user_scale=args.user_scale,
-        extra_metadata=extra, progress=state.is_local_main_process, state=state,
+        extra_metadata=extra, progress=state.is_local_main_process, state=state, best_of=args.best_of, reward=reward,
     )
     state.wait_for_everyone()
     if state.is_main_process:
@@ -87,6 +91,24 @@ def cmd_generate(args) -> int:
         summary["processes"] = state.num_processes
         print(json.dumps(summary))
     return 0
+
+
+def _person_reward(args):
+    """The reward of the person whose choices are in --reward-examples (a JSONL manifest, as `user embed`)."""
+    from diffpref.data.readers import read_jsonl_manifest
+    from diffpref.personalize.backbones import UserExample
+    from diffpref.personalize.reward import PrototypeRewardModel
+
+    if args.best_of < 1:
+        raise ValueError(f"--best-of must be >= 1, got {args.best_of}")
+    if not args.reward_examples:
+        raise ValueError("--best-of N needs --reward-examples FILE: the person's choices (JSONL manifest) that "
+                         "their reward is read from")
+    result = read_jsonl_manifest(args.reward_examples, tie_policy="drop", strict=True)
+    examples = [UserExample(p.prompt, p.preferred, p.rejected) for p in result.pairs]
+    if not examples:
+        raise ValueError(f"{args.reward_examples} holds no decided pair to read a taste from")
+    return PrototypeRewardModel.from_pretrained(args.reward_model).person(examples)
 
 
 def cmd_user_embed(args) -> int:
@@ -230,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="embedded-ppd", help="PPD adapter folder used with --users")
     p.add_argument("--user-scale", type=float, default=1.0, help="strength of the personalization (0 = base model)")
     p.add_argument("--mix", default=None, help="interpolate users' embeddings, e.g. alice:0.7,bob:0.3")
+    p.add_argument("--best-of", type=int, default=1,
+                   help="N candidates per image (seeds s..s+N-1), the one the person's reward ranks first is kept")
+    p.add_argument("--reward-examples", default=None,
+                   help="with --best-of: the person's choices, a JSONL manifest as for `user embed --examples`")
+    p.add_argument("--reward-model", default="embedded-reward", help="few-shot reward model folder (--best-of)")
     p.set_defaults(func=cmd_generate)
 
     user = sub.add_parser("user", help="user embeddings").add_subparsers(dest="user_command", required=True)

@@ -4,6 +4,10 @@ Each image gets its own ``torch.Generator`` seeded from its job, so an image dep
 (prompt, seed, settings), never on the batch it happened to share: a rerun, a different batch size
 or another process reproduces it exactly.
 
+Best-of-N (``best_of_n``, ``generate --best-of N``): N candidates per prompt at seeds seed, seed+1,
+..., seed+N-1, scored by a person's reward (``diffpref.personalize.reward``); the best is kept and
+every candidate's seed and score go to the metadata, so each shown image can be regenerated.
+
 Pipelines come from ``diffpref.models.loading.load_pipeline``, which never loads the SD1.5 safety
 checker (it would black out flagged images, which would then be saved and scored as such).
 """
@@ -123,6 +127,41 @@ def generate_all(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int,
                                                                   batch_size, progress, desc, **image_kwargs)])
 
 
+def candidate_seeds(seed: int, best_of: int) -> list[int]:
+    """Seeds of a prompt's candidates: candidate j uses seed + j (candidate 0 is plain generation)."""
+    return [int(seed) + j for j in range(best_of)]
+
+
+def best_of_records(prompts: Sequence[str], seeds: Sequence[int], scores: np.ndarray) -> list[dict]:
+    """Per prompt: every candidate's seed and score, and the shown one (the argmax of the scores)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(len(prompts), -1)
+    records = []
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        chosen = int(np.argmax(scores[i]))
+        cands = candidate_seeds(seed, scores.shape[1])
+        records.append({"prompt": prompt, "seeds": cands, "scores": scores[i].tolist(), "chosen": chosen,
+                        "seed": cands[chosen], "score": float(scores[i, chosen])})
+    return records
+
+
+def best_of_n(generate, prompts: Sequence[str], seeds: Sequence[int], best_of: int, reward) -> tuple[np.ndarray, list[dict]]:
+    """Shown uint8 images and their records (``best_of_records``) for ``generate(prompts, seeds) -> uint8 images``.
+
+    All candidates go to one ``generate`` call; ``reward.score(images, prompts)`` ranks each prompt's N.
+    """
+    if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+        raise ValueError(f"best_of must be an integer >= 1, got {best_of!r}")
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    cand_prompts = [p for p in prompts for _ in range(best_of)]
+    cand_seeds = [s for seed in seeds for s in candidate_seeds(seed, best_of)]
+    images = generate(cand_prompts, cand_seeds)
+    scores = np.asarray(reward.score(images, cand_prompts), dtype=np.float64)
+    records = best_of_records(prompts, seeds, scores)
+    shown = np.stack([images[i * best_of + r["chosen"]] for i, r in enumerate(records)])
+    return shown, records
+
+
 def plan_jobs(prompts: Sequence[str], num_images: int, seed: int, users: Sequence[str | None] = (None,)) -> list[GenerationJob]:
     """prompts x users x seeds; image j of a prompt uses seed + j for every user (so users compare directly)."""
     return [GenerationJob(p, seed + j, i, u) for u in users for i, p in enumerate(prompts) for j in range(num_images)]
@@ -156,13 +195,19 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
                        steps: int = EMBEDDED_STEPS, guidance_scale: float | None = None, model_name: str = "",
                        progress: bool = True, extra_metadata: dict | None = None,
                        user_tokens: dict[str, torch.Tensor] | None = None, user_scale: float = 1.0,
-                       state=None) -> dict:
+                       state=None, best_of: int = 1, reward=None) -> dict:
     """Write each job's PNG and one metadata line; jobs already recorded are skipped.
+
+    ``best_of`` > 1: each job's image is the best of that many candidates under ``reward``
+    (``best_of_n``); its metadata line adds ``best_of``, ``candidate_seeds``, ``scores``, ``chosen``
+    and ``shown_seed``.
 
     ``state`` is accelerate's ``PartialState`` under ``accelerate launch`` / ``torchrun``: the
     pending jobs are split with its ``split_between_processes``, and each process writes its own
     ``metadata.rank{i}.jsonl`` (``merge_metadata`` folds them into ``metadata.jsonl`` afterwards).
     """
+    if best_of > 1 and reward is None:
+        raise ValueError("best_of > 1 needs a reward to rank the candidates (diffpref.personalize.reward)")
     out = Path(out_dir)
     num_processes = state.num_processes if state is not None else 1
     process_index = state.process_index if state is not None else 0
@@ -188,8 +233,15 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
             kwargs = {}
             if any(job.user for job in batch):
                 kwargs = {"user_embedding": torch.stack([user_tokens[job.user] for job in batch]), "user_scale": user_scale}
-            images = generate_images(pipe, [j.prompt for j in batch], [j.seed for j in batch], steps, guidance, **kwargs)
-            for job, image in zip(batch, images):
+            prompts, seeds = [j.prompt for j in batch], [j.seed for j in batch]
+            if best_of > 1:
+                if "user_embedding" in kwargs:  # each prompt's candidates share its user's tokens
+                    kwargs["user_embedding"] = kwargs["user_embedding"].repeat_interleave(best_of, dim=0)
+                images, records = best_of_n(lambda p, s: generate_images(pipe, p, s, steps, guidance, **kwargs),
+                                            prompts, seeds, best_of, reward)
+            else:
+                images, records = generate_images(pipe, prompts, seeds, steps, guidance, **kwargs), [None] * len(batch)
+            for job, image, record in zip(batch, images, records):
                 target = out / job.filename
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(target.name + ".tmp")
@@ -198,6 +250,9 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
                 row = {"file": job.filename, **asdict(job), "steps": steps, "guidance_scale": guidance,
                        "model": model_name, "height": int(image.shape[0]), "width": int(image.shape[1]),
                        **({"user_scale": user_scale} if job.user else {}), **(extra_metadata or {})}
+                if record is not None:  # the shown image is candidate `chosen`: regenerate it from `shown_seed`
+                    row.update(best_of=best_of, candidate_seeds=record["seeds"], scores=record["scores"],
+                               chosen=record["chosen"], shown_seed=record["seed"])
                 meta.write(json.dumps(row) + "\n")
                 meta.flush()
             bar.update(len(batch))

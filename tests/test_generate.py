@@ -77,3 +77,35 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert {"version", "embedded_model", "embedded_clip", "device", "attention"} <= set(info)
     assert info["device"] in ("cpu", "cuda") and info["attention"] in ("sdpa", "xformers")
+
+
+def test_generate_best_of_records_every_candidate_seed_and_score(tmp_path, tiny_sd15_dir, capsys):
+    from diffpref.world.render import WorldAttributes, render
+
+    rows = []
+    for i, (liked, other) in enumerate([("red", "blue"), ("red", "green")]):
+        for name, color in (("a", liked), ("b", other)):
+            render(WorldAttributes("circle", color, "white", 0.5, 0.6, 0.8)).save(tmp_path / f"{i}{name}.png")
+        rows.append({"prompt": "a circle", "image_0": str(tmp_path / f"{i}a.png"), "image_1": str(tmp_path / f"{i}b.png"),
+                     "label": 1.0})
+    examples = tmp_path / "choices.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "best"
+    assert _run_generate(tmp_path, tiny_sd15_dir, out, "--best-of", "3", "--reward-examples", str(examples)) == 0
+    meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 4
+    for row in meta:
+        assert row["best_of"] == 3 and row["candidate_seeds"] == [row["seed"] + j for j in range(3)]
+        assert row["chosen"] == int(np.argmax(row["scores"])) and row["shown_seed"] == row["candidate_seeds"][row["chosen"]]
+    # the shown image is plain generation at its recorded seed
+    plain = tmp_path / "plain"
+    row = meta[0]
+    assert main(["generate", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(plain), "--model",
+                 str(tiny_sd15_dir), "--num-images", "1", "--seed", str(row["shown_seed"]), "--steps", "2",
+                 "--device", "cpu"]) == 0
+    again = next(r for r in (json.loads(x) for x in (plain / "metadata.jsonl").read_text().splitlines())
+                 if r["prompt"] == row["prompt"])
+    diff = np.asarray(Image.open(plain / again["file"])).astype(int) - np.asarray(Image.open(out / row["file"])).astype(int)
+    assert np.abs(diff).max() <= 2  # batched float math may round one 8-bit level differently
+    assert main(["generate", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "x"), "--model",
+                 str(tiny_sd15_dir), "--best-of", "2", "--steps", "2", "--device", "cpu"]) == 2

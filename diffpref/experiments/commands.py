@@ -43,7 +43,8 @@ def cmd_world_policy_pairs(args) -> int:
     summary = make_policy_pairs(args.data, args.adapter, args.out, users_file=args.users_file,
                                 captions_per_user=args.captions_per_user, contexts_per_user=args.contexts_per_user,
                                 shots=args.shots, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                                temperature=args.temperature, batch_size=args.batch_size, user_scale=args.user_scale)
+                                temperature=args.temperature, batch_size=args.batch_size, user_scale=args.user_scale,
+                                labeller=args.labeller, reward_model=args.reward_model)
     print(json.dumps(summary))
     return 0
 
@@ -70,7 +71,23 @@ def cmd_world_make_users(args) -> int:
 def cmd_world_eval(args) -> int:
     from diffpref.personalize.adapter import is_ppd_adapter
 
-    if is_ppd_adapter(args.adapter) or args.shots is not None:
+    if args.best_of is not None:
+        from diffpref.experiments.preference_eval import evaluate_best_of
+
+        if not args.users:
+            raise ValueError("--best-of needs --users FILE: the simulated users whose few-shot rewards rank candidates")
+        if args.adapter is not None and not is_ppd_adapter(args.adapter):
+            raise ValueError(f"--best-of draws candidates from the base or a PPD adapter; {args.adapter} is not one")
+        try:
+            sizes = [int(v) for v in args.best_of.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--best-of takes N or a list like 1,2,4,8,16; got {args.best_of!r}") from err
+        result = evaluate_best_of(args.model, args.users, best_of=sizes, adapter=args.adapter,
+                                  shots=args.shots if args.shots is not None else 4,
+                                  num_prompts=args.prompts if args.prompts is not None else 60, seed=args.seed,
+                                  steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                  reward_model=args.reward_model)
+    elif is_ppd_adapter(args.adapter) or args.shots is not None:
         from diffpref.experiments.ppd_eval import evaluate_ppd
 
         if not args.users:
@@ -155,6 +172,10 @@ def add_world_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.1, help="Bradley-Terry temperature of the simulated choices")
+    p.add_argument("--labeller", choices=["oracle", "reward"], default="oracle",
+                   help="who labels the pairs: each user's oracle, or their few-shot reward model read from the "
+                        "--shots choices of the context (as a deployment must)")
+    p.add_argument("--reward-model", default="embedded-reward", help="--labeller reward: the reward model folder")
     p.set_defaults(func=cmd_world_policy_pairs)
 
     p = world.add_parser("make-users", help="write a JSON list of simulated users with known tastes")
@@ -176,6 +197,10 @@ def add_world_parser(sub) -> None:
                    help="a trained LoRA or UNet folder, or a PPD adapter ('embedded-ppd' or a folder), to compare with the base")
     p.add_argument("--shots", type=int, default=None, help="PPD: example pairs per user (default 4)")
     p.add_argument("--user-scale", type=float, default=1.0, help="PPD: personalization strength")
+    p.add_argument("--best-of", default=None,
+                   help="personalized best-of-N: N (or a list 1,2,4,8,16) candidates per prompt, base or --adapter "
+                        "PPD, ranked by each user's few-shot reward from --shots choices (default 60 prompts)")
+    p.add_argument("--reward-model", default="embedded-reward", help="--best-of: few-shot reward model folder")
     p.add_argument("--users", default=None, help="JSON list of world users whose oracle rewards judge tuned vs base")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)

@@ -9,7 +9,14 @@ user's oracle rates
 - (personalized, base) of one caption and seed: did the user branch's change help this user?
 - (personalized, personalized) of one caption and two seeds: which of its own samples is better?
 
-Only decided pairs are kept (an indifferent user's label would be a coin flip). Training on these
+Only decided pairs are kept (an indifferent user's label would be a coin flip).
+
+``labeller="reward"`` labels as a deployment must, without the oracle: each pair goes to the
+preferred side under the user's few-shot reward model (``diffpref.personalize.reward``) read from
+the same ``shots`` choices that made the tokens; pairs it scores equal are dropped, oracle ties are
+kept (the labeller cannot see them). ``reward_0/1`` still hold the oracle rewards, so the summary's
+``agreement_with_oracle`` (labels that match the oracle's preference, over oracle-decided pairs)
+measures the labeller; the oracle labeller's own agreement is below 1 by its Bradley-Terry noise. Training on these
 pairs next to the offline ones is a round of online DPO (the base stays the reference). The rows
 carry ``model_0/1 = "ppd-policy:..."`` for personalized images, and the PPD trainer never draws a
 user's few-shot context from them: contexts stay base-image pairs, as at evaluation.
@@ -52,6 +59,7 @@ from diffpref.world.users import (
     save_users,
 )
 
+LABELLERS = ("oracle", "reward")
 _OFFLINE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "user_id", "world_user_id")
 
 
@@ -86,7 +94,8 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
                       users_file: str | os.PathLike | None = None, model="embedded", captions_per_user: int = 64,
                       contexts_per_user: int = 8, shots: int = 4, steps: int = 20, guidance_scale: float | None = None,
                       seed: int = 0, temperature: float = 0.1, batch_size: int = 96, user_scale: float = 1.0,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, labeller: str = "oracle",
+                      reward_model: str | os.PathLike = "embedded-reward") -> dict:
     """Write ``out_dir/pairs.parquet`` of decided on-policy pairs for every user of ``data_path``.
 
     ``captions_per_user`` captions per user (``p_name`` 0.5, as evaluation draws them), split over
@@ -97,6 +106,8 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
     from diffpref.models.loading import load_pipeline
     from diffpref.personalize.pipeline import PersonalizedPipeline
 
+    if labeller not in LABELLERS:
+        raise ValueError(f"labeller {labeller!r}; valid labellers are {', '.join(LABELLERS)}")
     data_path = Path(data_path)
     users_path = Path(users_file) if users_file is not None else data_path.parent / "users.json"
     if not users_path.is_file():
@@ -123,11 +134,19 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
     # 1. Every user's token sets and captions.
     jobs: list[_Job] = []
     tokens: dict[tuple[int, int], torch.Tensor] = {}
+    rewards: dict[tuple[int, int], object] = {}
+    reader = None
+    if labeller == "reward":
+        from diffpref.personalize.reward import PrototypeRewardModel
+
+        reader = PrototypeRewardModel.from_pretrained(reward_model)
     for u, user in enumerate(tqdm(users, desc="embed users", disable=not progress, dynamic_ncols=True)):
         rng = np.random.default_rng([seed, u, 0x9011C7])
         contexts = _contexts_of(rows_of[user.user_id], offline, data_path, shots, contexts_per_user, rng)
         for c, examples in enumerate(contexts):
             tokens[u, c] = pipe.embed_user(examples)
+            if reader is not None:  # the labeller knows the user by the same choices the tokens came from
+                rewards[u, c] = reader.person(examples)
         for i in range(captions_per_user):
             seed_a, seed_b = (int(s) for s in rng.integers(0, 2**31 - 1, size=2))
             jobs.append(_Job(u, i * contexts_per_user // captions_per_user, sample_prompt(rng), seed_a, seed_b))
@@ -143,6 +162,12 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
                     for side in ("a", "b")}
     features = {name: feature_matrix(detect_batch(images)) for name, images in
                 (("base", base_images), ("a", personalized["a"]), ("b", personalized["b"]))}
+    scored = {}  # the reward labeller's score of every image, with the reward of the job's own context
+    if reader is not None:
+        for name, images in (("base", base_images), ("a", personalized["a"]), ("b", personalized["b"])):
+            emb = reader.backbone.embed_images(images).numpy()
+            scored[name] = np.array([float(rewards[j.user, j.context].score_embeddings(emb[n:n + 1])[0])
+                                     for n, j in enumerate(jobs)])
 
     # 3. Label with each user's oracle; keep decided pairs; write in the offline data's schema.
     out = Path(out_dir)
@@ -152,6 +177,7 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
     base_name = str(model) if isinstance(model, (str, os.PathLike)) else "base"
     prompt_counts = Counter(captions)
     written = ties = personalized_won = 0  # personalized_won: (personalized, base) pairs the oracle gives to the first
+    agree = oracle_decided = oracle_ties_kept = 0
     with PickapicWriter(parquet_path, PAIRS_SCHEMA) as writer:
         for n, job in enumerate(jobs):
             user = users[job.user]
@@ -162,7 +188,7 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
             for p, (first, second) in enumerate((("a", "base"), ("a", "b"))):
                 r_first, r_second = (float(oracle_reward(user, sides[s][1])) for s in (first, second))
                 personalized_won += second == "base" and r_first > r_second
-                if r_first == r_second:
+                if (r_first == r_second) if reader is None else (scored[first][n] == scored[second][n]):
                     ties += 1
                     continue
                 rng = pair_rng(seed, job.user, 2 * n + p, 1)
@@ -170,7 +196,15 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
                     first, second = second, first
                     r_first, r_second = r_second, r_first
                 (im_0, f_0, model_0, seed_0), (im_1, f_1, model_1, seed_1) = sides[first], sides[second]
-                label = float(bradley_terry_choice(user, f_0, f_1, temperature=temperature, rng=rng))
+                if reader is None:
+                    label = float(bradley_terry_choice(user, f_0, f_1, temperature=temperature, rng=rng))
+                else:
+                    label = 1.0 if scored[first][n] > scored[second][n] else 0.0
+                if r_first != r_second:
+                    oracle_decided += 1
+                    agree += label == (1.0 if r_first > r_second else 0.0)
+                else:
+                    oracle_ties_kept += 1
                 uid_0, uid_1 = image_uid(model_0, job.caption, seed_0), image_uid(model_1, job.caption, seed_1)
                 writer.write({
                     "are_different": True, "caption": job.caption,
@@ -185,4 +219,6 @@ def make_policy_pairs(data_path: str | os.PathLike, adapter: str | os.PathLike, 
                 written += 1
     save_users(users, out / "users.json")
     return {"out_dir": str(out), "pairs": written, "users": len(users), "candidates": 2 * len(jobs),
-            "ties_dropped": ties, "personalized_won": int(personalized_won), "parquet": str(parquet_path)}
+            "ties_dropped": ties, "personalized_won": int(personalized_won), "parquet": str(parquet_path),
+            "labeller": labeller, "agreement_with_oracle": agree / oracle_decided if oracle_decided else None,
+            "oracle_ties_kept": oracle_ties_kept}

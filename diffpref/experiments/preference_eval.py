@@ -119,3 +119,95 @@ class TrainingEvaluator:
         result = compare(tuned, self.base, self.prompts, self.users)
         return {"win_rate_vs_base": result["win_rate_vs_base"], "adherence": result["adherence"],
                 "base_adherence": result["base_adherence"]}
+
+
+def evaluate_best_of(model: Any = "embedded", users: str | os.PathLike | Sequence[WorldUser] = (),
+                     best_of: Sequence[int] = (1, 2, 4, 8, 16), adapter: str | os.PathLike | None = None,
+                     shots: int = 4, num_prompts: int = 60, seed: int = 0, steps: int = 20,
+                     guidance_scale: float | None = None, batch_size: int = 100,
+                     reward_model: str | os.PathLike = "embedded-reward", progress: bool = True) -> dict[str, Any]:
+    """``diffpref world eval --best-of N``: personalized best-of-N against the base image of the same seed.
+
+    For each user, ``shots`` of their choices (base pairs labelled by their oracle, as ``world eval
+    --shots``) give their few-shot reward (``diffpref.personalize.reward``). Each evaluation prompt i
+    with seed s_i gets candidates at seeds s_i .. s_i + N - 1 -- base images, or PPD images for that
+    user with ``adapter`` -- and the one the user's reward ranks first is shown. It is judged by the
+    user's oracle against the base image at s_i (candidate 0 of the base candidates: a tie when the
+    reward picks it, counted half). Every N in ``best_of`` reuses the first N candidates of the largest.
+    Reports, per N, the win rate, the prompt adherence of the shown images, and the images generated
+    and seconds spent per shown image (generation + reward scoring, this machine, single call).
+    """
+    import time
+
+    from diffpref.experiments.ppd_eval import as_examples, draw_pairs
+    from diffpref.personalize.reward import PrototypeRewardModel
+
+    users = load_users(users) if isinstance(users, (str, os.PathLike)) else list(users)
+    if not users:
+        raise ValueError("no users to evaluate: pass --users FILE (a JSON list of world users)")
+    sizes = sorted({int(n) for n in best_of})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--best-of values must be >= 1, got {list(best_of)}")
+    n_max = sizes[-1]
+    prompts, seeds = eval_prompts(num_prompts, seed)
+    pipe, _ = world_pipeline(model)
+    if adapter is not None:
+        from diffpref.personalize.pipeline import PersonalizedPipeline
+
+        pipe = PersonalizedPipeline.from_base(pipe, adapter)
+        pipe.set_progress_bar_config(disable=True)
+    rewards = PrototypeRewardModel.from_pretrained(reward_model)
+    cand_prompts = [p for p in prompts for _ in range(n_max)]
+    cand_seeds = [s + j for s in seeds for j in range(n_max)]
+    clock = {"generate_s": 0.0, "generated": 0, "score_s": 0.0, "scored": 0}
+
+    def candidates(desc, **kwargs) -> np.ndarray:
+        start = time.perf_counter()
+        images = generate_world_images(pipe, cand_prompts, cand_seeds, steps, guidance_scale, batch_size, progress,
+                                       desc, **kwargs)
+        clock["generate_s"] += time.perf_counter() - start
+        clock["generated"] += len(images)
+        return images.reshape(num_prompts, n_max, *images.shape[1:])
+
+    if adapter is None:
+        base_cands = candidates("base candidates")
+        base = base_cands[:, 0]  # seed s_i: the base model's own image of prompt i
+    else:  # PPD candidates: only the opponent, the base image at s_i, is a base image
+        base = generate_world_images(pipe, prompts, seeds, steps, guidance_scale, batch_size, progress, "base")
+    base_features = feature_matrix(detect_batch(base))
+    per_user = {}
+    for u, user in enumerate(users):
+        context = draw_pairs(pipe, user, shots, seed, steps, guidance_scale, batch_size, user_salt=u)
+        examples = as_examples(context)
+        reward = rewards.person(examples)
+        if adapter is not None:
+            cands = candidates(f"{user.user_id} candidates", user_embedding=pipe.embed_user(examples))
+        else:
+            cands = base_cands
+        start = time.perf_counter()
+        flat = cands.reshape(-1, *cands.shape[2:])
+        scores = reward.score(flat).reshape(num_prompts, n_max)
+        clock["score_s"] += time.perf_counter() - start
+        clock["scored"] += len(flat)
+        oracle = oracle_reward(user, feature_matrix(detect_batch(flat))).reshape(num_prompts, n_max)
+        r_base = oracle_reward(user, base_features)
+        rows = {}
+        for n in sizes:
+            chosen = scores[:, :n].argmax(axis=1)
+            shown = cands[np.arange(num_prompts), chosen]
+            rows[n] = {"win_rate": win_rate(oracle[np.arange(num_prompts), chosen], r_base),
+                       "oracle_best_win_rate": win_rate(oracle[:, :n].max(axis=1), r_base),
+                       "adherence": adherence_of(shown, prompts)["mean_acc"]}
+        per_user[user.user_id] = rows
+    gen_per_image = clock["generate_s"] / clock["generated"]
+    score_per_image = clock["score_s"] / clock["scored"]
+    curve = {n: {"win_rate_vs_base": float(np.mean([per_user[u][n]["win_rate"] for u in per_user])),
+                 "oracle_reranked_win_rate": float(np.mean([per_user[u][n]["oracle_best_win_rate"] for u in per_user])),
+                 "adherence": float(np.mean([per_user[u][n]["adherence"] for u in per_user])),
+                 "images_per_shown_image": n,
+                 "seconds_per_shown_image": n * (gen_per_image + score_per_image)} for n in sizes}
+    return {"best_of": curve, "base_adherence": adherence_of(base, prompts)["mean_acc"],
+            "candidates": "ppd" if adapter is not None else "base", "adapter": None if adapter is None else str(adapter),
+            "shots": shots, "n": num_prompts, "steps": steps, "reward_model": str(reward_model),
+            "seconds_per_generated_image": gen_per_image, "seconds_per_scored_image": score_per_image,
+            "load_average": list(os.getloadavg()), "per_user": per_user}

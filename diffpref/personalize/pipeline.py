@@ -6,6 +6,14 @@
 A user is given by a handful of their choices (``user_examples``) or by a saved embedding
 (``user_embedding``, [K, d]). No user, or ``user_scale=0``, gives exactly the base model's image.
 
+Personalized best-of-N: ``pipe(prompt, seed=s, best_of=N, reward=person_reward)`` generates N
+candidates of each prompt (seeds s, s+1, ..., s+N-1; personalized by the adapter when a user is
+given, else the base), scores them with the person's reward (``diffpref.personalize.reward``) and
+returns the best; ``output.candidates`` records every candidate's seed and score, so any shown
+image can be regenerated. Given ``user_examples`` and no ``reward``, the reward is read from the same
+choices by ``pipe.reward_model`` (the embedded world's by default). ``best_of=1`` is plain
+generation with seed s, bit for bit.
+
 ``PersonalizedPipeline.from_base`` (and ``from_pretrained``) return a ``PersonalizedSDXLPipeline``
 for an SDXL base: the user tokens are appended to the concatenated states of both text encoders;
 the pooled embedding and the added time ids are the stock pipeline's, untouched.
@@ -16,13 +24,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from safetensors.torch import load_file, save_file
 
+from diffpref.generate import best_of_records, candidate_seeds
 from diffpref.personalize.adapter import (
     ATTENTION_NAME,
     CONFIG_NAME,
@@ -41,6 +54,24 @@ from diffpref.personalize.attention import (
 from diffpref.personalize.backbones import UserExample
 from diffpref.personalize.encoder import UserEncoder, embed_user
 
+# keyword arguments that are per prompt when given as lists: repeated for each prompt's candidates
+_PER_PROMPT_KWARGS = ("negative_prompt", "prompt_2", "negative_prompt_2")
+
+
+@dataclass
+class BestOfOutput(StableDiffusionPipelineOutput):
+    """The shown images plus, per prompt, ``{"prompt", "seeds", "scores", "chosen", "seed", "score"}``:
+    every candidate's seed and reward, the index of the one shown (the argmax) and its seed."""
+
+    candidates: list | None = None
+
+
+class _Unscored:
+    """The reward of a best-of-1 call without one: every candidate scores 0 (there is nothing to choose)."""
+
+    def score(self, images, prompts=None):
+        return np.zeros(len(images))
+
 
 class _UserInputs:
     """What the SD1.5 and SDXL personalized pipelines share: the adapter, the user, saving and loading."""
@@ -53,6 +84,66 @@ class _UserInputs:
         self.ppd_config = {}
         self._backbone = None
         self._user_cache = {}
+        self._reward_model = None
+
+    @property
+    def reward_model(self):
+        """The few-shot reward model that reads a person from ``user_examples`` (default: the embedded world's)."""
+        if self._reward_model is None:
+            from diffpref.personalize.reward import PrototypeRewardModel
+
+            self._reward_model = PrototypeRewardModel.from_pretrained("embedded-reward")
+        return self._reward_model
+
+    @reward_model.setter
+    def reward_model(self, model) -> None:
+        self._reward_model = model
+
+    # ------------------------------------------------------------------ best-of-N
+    def _best_of(self, prompt, *, best_of, reward, seed, user_examples, user_embedding, **kwargs) -> BestOfOutput:
+        """N candidates per prompt, ranked by ``reward.score(images, prompts)``; the argmax is shown."""
+        if isinstance(best_of, bool) or not isinstance(best_of, int) or best_of < 1:
+            raise ValueError(f"best_of must be an integer >= 1, got {best_of!r}")
+        if "generator" in kwargs or "latents" in kwargs:
+            raise ValueError("best-of-N draws its candidates from seed=: give seed (an int or one per prompt), "
+                             "not generator= or latents=")
+        if kwargs.get("num_images_per_prompt", 1) != 1:
+            raise ValueError("best-of-N shows one image per prompt: num_images_per_prompt must be 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed or [])
+        if len(seeds) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"best-of-N needs seed=: an int or one int per prompt ({len(prompts)}), got {seed!r}")
+        if reward is None and best_of == 1 and not user_examples:
+            reward = _Unscored()  # seeds alone: plain generation, recorded
+        elif reward is None:
+            if not user_examples:
+                raise ValueError("best_of > 1 needs reward= (a person's reward, diffpref.personalize.reward) "
+                                 "or user_examples= to read one from")
+            reward = self.reward_model.person(user_examples)
+        if not callable(getattr(reward, "score", None)):
+            raise TypeError(f"reward must have a score(images, prompts) method, got {type(reward).__name__}")
+        if user_examples is not None:  # embed once, shared by every candidate
+            user_embedding, user_examples = self.embed_user(user_examples), None
+        if user_embedding is not None and user_embedding.dim() == 3 and user_embedding.shape[0] == len(prompts) > 1:
+            user_embedding = user_embedding.repeat_interleave(best_of, dim=0)
+        for key in _PER_PROMPT_KWARGS:
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = [v for v in kwargs[key] for _ in range(best_of)]
+        output_type = kwargs.pop("output_type", "pil")
+        cand_prompts = [p for p in prompts for _ in range(best_of)]
+        cand_seeds = [s for base in seeds for s in candidate_seeds(base, best_of)]
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in cand_seeds]
+        images = self(cand_prompts, user_embedding=user_embedding, generator=generators, output_type="np",
+                      **kwargs).images
+        scores = np.asarray(reward.score((np.clip(images, 0, 1) * 255).round().astype(np.uint8), cand_prompts),
+                            dtype=np.float64).reshape(len(prompts), best_of)
+        records = best_of_records(prompts, seeds, scores)
+        shown = np.stack([images[i * best_of + r["chosen"]] for i, r in enumerate(records)])
+        if output_type == "pil":
+            shown = [PIL.Image.fromarray(im) for im in (np.clip(shown, 0, 1) * 255).round().astype(np.uint8)]
+        elif output_type != "np":
+            raise ValueError(f"best-of-N returns output_type 'pil' or 'np', got {output_type!r}")
+        return BestOfOutput(images=shown, nsfw_content_detected=None, candidates=records)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -172,7 +263,12 @@ class PersonalizedPipeline(_UserInputs, StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, user_examples: Sequence[UserExample] | None = None,
                  user_embedding: torch.Tensor | None = None, user_scale: float = 1.0, negative_prompt=None,
-                 guidance_scale: float = 7.5, **kwargs):
+                 guidance_scale: float = 7.5, best_of: int = 1, reward=None, seed: int | list[int] | None = None,
+                 **kwargs):
+        if best_of != 1 or reward is not None or seed is not None:
+            return self._best_of(prompt, best_of=best_of, reward=reward, seed=seed, user_examples=user_examples,
+                                 user_embedding=user_embedding, user_scale=user_scale, negative_prompt=negative_prompt,
+                                 guidance_scale=guidance_scale, **kwargs)
         tokens, scale = self._resolve_user(user_examples, user_embedding, user_scale)
         # Encode the prompt as the stock pipeline does, then append the user tokens
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -207,7 +303,13 @@ class PersonalizedSDXLPipeline(_UserInputs, StableDiffusionXLPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, user_examples: Sequence[UserExample] | None = None,
                  user_embedding: torch.Tensor | None = None, user_scale: float = 1.0, negative_prompt=None,
-                 guidance_scale: float = 5.0, prompt_2=None, negative_prompt_2=None, **kwargs):
+                 guidance_scale: float = 5.0, prompt_2=None, negative_prompt_2=None, best_of: int = 1, reward=None,
+                 seed: int | list[int] | None = None, **kwargs):
+        if best_of != 1 or reward is not None or seed is not None:
+            return self._best_of(prompt, best_of=best_of, reward=reward, seed=seed, user_examples=user_examples,
+                                 user_embedding=user_embedding, user_scale=user_scale, negative_prompt=negative_prompt,
+                                 guidance_scale=guidance_scale, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                                 **kwargs)
         tokens, scale = self._resolve_user(user_examples, user_embedding, user_scale)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
