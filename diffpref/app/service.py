@@ -134,6 +134,7 @@ class RatingService:
         self._grow_lock = threading.Lock()
         self.learner = None
         self._adapter_version = 0
+        self._probe_base: np.ndarray | None = None  # the profile's base-model probe images (person-independent)
         self.adapter_updated: float | None = None  # time.time() the served adapter was swapped in (--learn)
         self._wanted: queue.Queue[str | None] = queue.Queue()
         self._queued: set[str] = set()
@@ -223,10 +224,11 @@ class RatingService:
     def fill_queue(self, user_id: str) -> int:
         """Make pairs until ``queue_size`` are waiting (growing the pool when it runs dry); returns how many."""
         made = 0
-        with self._user_lock(user_id):
-            while not self._stop.is_set() and len(self.store.pending_pairs(user_id)) < self.config.queue_size:
-                self._make_pair(user_id)
-                made += 1
+        while not self._stop.is_set() and len(self.store.pending_pairs(user_id)) < self.config.queue_size:
+            if self.pool.available(user_id) < self._groups_per_pair:
+                # Outside the person's lock: their own requests keep taking pooled pairs meanwhile.
+                self._grow_pool()
+            made += self.top_up(user_id)
         return made
 
     def _idle_step(self) -> bool:
@@ -244,9 +246,12 @@ class RatingService:
         if any(self.pool.available(u) < low_water for u in people):
             self._grow_pool()
             return True
-        # 4. The pool full, for whoever comes next.
+        # 4. The pool full, and the base model's probe images of the profile, for whoever comes next.
         if len(self.pool) < self.pool.max_groups:
             self._grow_pool()
+            return True
+        if (self.world or self.image_features) and self._probe_base is None:
+            self._probe_images()
             return True
         # 5. Profiles that people have opened, after their newer choices.
         if any(self._refresh_profile(u) for u in people):
@@ -493,13 +498,13 @@ class RatingService:
             return list(generate_images(self.pipe, prompts, seeds, steps=steps or self.steps,
                                         guidance_scale=self.config.guidance_scale, **kwargs))
 
-    def _base_image(self, prompt: str, seed: int, steps: int | None = None) -> Image.Image:
-        key = (prompt, seed, steps)
+    def _base_image(self, prompt: str, seed: int) -> Image.Image:
+        key = (prompt, seed)
         with self._state_lock:
             if key in self._base_cache:
                 self._base_cache.move_to_end(key)
                 return self._base_cache[key]
-        image = Image.fromarray(self._generate([prompt], [seed], None, 0.0, steps)[0])
+        image = Image.fromarray(self._generate([prompt], [seed], None, 0.0)[0])
         with self._state_lock:
             self._base_cache[key] = image
             while len(self._base_cache) > 256:
@@ -599,14 +604,21 @@ class RatingService:
         self._compute_profile(user_id, key, scale, 8)
         return True
 
-    def _compute_profile(self, user_id: str, key: tuple, scale: float, top: int | None) -> dict:
-        tokens = self.user_tokens(user_id)
+    def _probe_images(self) -> tuple[list[str], list[int], np.ndarray]:
+        """The profile's probe prompts, seeds and base-model images: the same for everyone, made once, batched.
+
+        At the pairs' step count: the profile compares averages over many images, and the pairs'
+        steps are chosen to be faithful enough to rate."""
         prompts_list = WORLD_PROBE_PROMPTS if self.world else CLIP_PROBE_PROMPTS
         prompts = [p for p in prompts_list for _ in range(self.config.profile_seeds)]
         seeds = [s for _ in prompts_list for s in range(self.config.profile_seeds)]
-        # Probe images at the pairs' step count: the profile compares averages over many images, and the
-        # pairs' steps are chosen to be faithful enough to rate.
-        base = np.stack([np.asarray(self._base_image(p, s, self.pair_steps)) for p, s in zip(prompts, seeds)])
+        if self._probe_base is None:
+            self._probe_base = np.stack(self._generate(prompts, seeds, None, 0.0, self.pair_steps))
+        return prompts, seeds, self._probe_base
+
+    def _compute_profile(self, user_id: str, key: tuple, scale: float, top: int | None) -> dict:
+        tokens = self.user_tokens(user_id)
+        prompts, seeds, base = self._probe_images()
         pers = np.stack(self._generate(prompts, seeds, tokens, scale, self.pair_steps))
         if self.world:
             result = world_profile(base, pers, top=top)
