@@ -167,6 +167,7 @@ class Learner:
         self.rounds = len(list(self.dir.glob("round-*[0-9]")))
         self.last_decided = 0
         self._trained: dict[str, int] = {}  # person -> their ratings in the served adapter's training data
+        self.last_candidate = None  # the last round's pipeline, served or not (the simulation judges it too)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -220,6 +221,7 @@ class Learner:
         people = self._judged_people(held)
         candidate = PersonalizedPipeline.from_base(load_pipeline(self.config.model, device=self.config.device), adapter)
         candidate.set_progress_bar_config(disable=True)
+        self.last_candidate = candidate
         new_acc, n = implicit_accuracy(candidate, people)
         with self.service._model_lock:  # the served UNet's user scale is set during the pass
             old_acc, _ = implicit_accuracy(self.service.pipe, people)

@@ -163,7 +163,8 @@ def simulate_learning(users: Sequence[WorldUser], checkpoints: Sequence[int] = (
     shipped.set_progress_bar_config(disable=True)
     prompts, seeds = eval_prompts(num_prompts, seed + 1)
     base = feature_matrix(detect_batch(generate_world_images(shipped, prompts, seeds, steps, None, 64, False, "base")))
-    curves: dict[str, dict[str, list[float]]] = {"off": {u.user_id: [] for u in users}, "on": {u.user_id: [] for u in users}}
+    # "ungated": the last round's adapter whether or not the gate served it: what the gate kept out.
+    curves: dict[str, dict[str, list[float]]] = {arm: {u.user_id: [] for u in users} for arm in ("off", "on", "ungated")}
     rounds = []
     with tempfile.TemporaryDirectory(dir=learn_dir) as tmp:
         config = AppConfig(db=str(Path(tmp) / "ratings.db"), queue_size=1, steps=steps, adapter=adapter, seed=seed,
@@ -191,7 +192,7 @@ def simulate_learning(users: Sequence[WorldUser], checkpoints: Sequence[int] = (
                             curves[arm][user.user_id].append(0.5)
                         continue
                     examples = [UserExample(p, from_png(g), from_png(b)) for p, g, b in rows]
-                    for arm, pipe in (("off", shipped), ("on", service.pipe)):
+                    for arm, pipe in (("off", shipped), ("on", service.pipe), ("ungated", learner.last_candidate)):
                         with torch.no_grad():
                             tokens = embed_user(pipe.user_encoder, pipe.backbone, examples).cpu()
                         tuned = generate_personalized(pipe, prompts, seeds, tokens, 1.0, steps, None, 64)
@@ -200,9 +201,10 @@ def simulate_learning(users: Sequence[WorldUser], checkpoints: Sequence[int] = (
             bar.close()
         finally:
             service.close()
-    on, off = (np.array([curves[arm][u.user_id] for u in users]) for arm in ("on", "off"))
+    on, off, ungated = (np.array([curves[arm][u.user_id] for u in users]) for arm in ("on", "off", "ungated"))
     table = [{"ratings": c, "learn_off": bootstrap_mean(off[:, k]), "learn_on": bootstrap_mean(on[:, k]),
-              "on_minus_off": bootstrap_mean(on[:, k] - off[:, k])} for k, c in enumerate(checkpoints)]
+              "on_minus_off": bootstrap_mean(on[:, k] - off[:, k]), "ungated": bootstrap_mean(ungated[:, k]),
+              "ungated_minus_off": bootstrap_mean(ungated[:, k] - off[:, k])} for k, c in enumerate(checkpoints)]
     return {"checkpoints": checkpoints, "users": [u.user_id for u in users], "prompts": num_prompts, "steps": steps,
             "rounds": rounds, "table": table, "per_user": curves}
 
