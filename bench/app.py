@@ -10,7 +10,8 @@
   meanwhile, as it does while a person decides), the clock runs from sending ``rate`` until
   ``next_pair`` has returned the next pair's images (target: 1 s). Median, 90th percentile and max.
 - ``fast_rater``: the person who rates every ``--fast-think`` (1.5) seconds, ``--fast-ratings`` (30) times,
-  on a fresh server whose warm pool has been filled while idle (``warm_pool_s``: start to full pool).
+  on a fresh server that has done its idle work (``warm_pool_s``: start to a full pool and the profile's
+  probe images).
   ``first_pair_ms``: a new person's first ``next_pair`` after signing in (target 3 s);
   ``rating_to_next_pair_ms``: p50 / p95 / max (target p95 1 s); ``profile_ms``: ``profile`` right after
   the last rating (target 2 s). ``loadavg`` is ``os.getloadavg()`` at the start and end: a shared machine's
@@ -83,7 +84,7 @@ def fast_rater(model: str, adapter: str, db: str, ratings: int, think: float, wa
     service, demo, url, start_s = start_app(model=model, adapter=adapter, db=db)
     try:
         started = time.perf_counter()
-        while len(service.pool) < service.pool.max_groups and time.perf_counter() - started < warm_timeout:
+        while not service.warm and time.perf_counter() - started < warm_timeout:
             time.sleep(0.2)
         warm_s = time.perf_counter() - started + start_s
         client = Client(url, verbose=False)

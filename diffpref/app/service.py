@@ -281,6 +281,12 @@ class RatingService:
                 "right": from_png(self.store.get_image(user_id, pair["image_1"])),
                 "waiting": len(pending), "ratings": self.store.count_ratings(user_id)}
 
+    @property
+    def warm(self) -> bool:
+        """Whether the idle work for newcomers is done: the pool full and the profile's probe images made."""
+        probes = self._probe_base is not None or not (self.world or self.image_features)
+        return len(self.pool) >= self.pool.max_groups and probes
+
     def pair_ready(self, user_id: str) -> bool:
         """Whether ``next_pair`` returns without generating (the UI says so when it will not)."""
         return bool(self.store.pending_pairs(user_id)) or self.pool.available(user_id) >= self._groups_per_pair
