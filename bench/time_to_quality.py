@@ -36,7 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 ADHERENCE_TOLERANCE = 0.02
 DEFAULT_USERS = ("red_large", "dark_small", "circle_bright")

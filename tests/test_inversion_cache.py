@@ -59,9 +59,9 @@ def test_explicit_grid_must_end_at_t():
 def _parts(tmp_path, model_dir, data, **overrides):
     from diffpref.training.trainer import _accelerator, _load
 
-    settings = dict(method="inpo", model=str(model_dir), data_path=str(data), output_dir=str(tmp_path / "out"),
-                    train_batch_size=6, lora_rank=4, report_to="none", cache_dir=str(tmp_path / "cache"), seed=0,
-                    inversion_steps=5, threads=1, prompt_dropout=0.5)
+    settings = {"method": "inpo", "model": str(model_dir), "data_path": str(data), "output_dir": str(tmp_path / "out"),
+                "train_batch_size": 6, "lora_rank": 4, "report_to": "none", "cache_dir": str(tmp_path / "cache"),
+                "seed": 0, "inversion_steps": 5, "threads": 1, "prompt_dropout": 0.5}
     cfg = TrainConfig(**{**settings, **overrides})
     return _load(cfg, _accelerator(cfg), None)[0]
 
@@ -80,7 +80,12 @@ def test_cached_inversion_step_equals_the_on_the_fly_step(tmp_path, tiny_sd15_di
     reference agree in loss and every gradient to fp16 tolerance (the cache stores x_t in fp16), and the cached
     one runs no inversion pass and no reference pass for the samples that keep their prompt. Half the prompts are
     dropped: both invert with the image's own prompt."""
-    from diffpref.training.objectives import ObjectiveInputs, _inverted, _pair_errors, _reference_errors
+    from diffpref.training.objectives import (
+        ObjectiveInputs,
+        _inverted,
+        _pair_errors,
+        _reference_errors,
+    )
     from diffpref.training.step import draw_micro_batch
 
     parts = _parts(tmp_path, tiny_sd15_dir, manifest)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import time_to_quality as ttq  # noqa: E402
+import time_to_quality as ttq
 
 
 def _curve(*points):

@@ -31,11 +31,11 @@ from diffpref.training.conditioning import added_cond_kwargs
 from diffpref.training.objectives import (
     Denoiser,
     NoiseSchedule,
-    inversion_points,
     Objective,
     ObjectiveInputs,
     ObjectiveOutput,
     get_objective,
+    inversion_points,
 )
 
 

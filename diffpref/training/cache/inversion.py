@@ -44,7 +44,12 @@ from diffpref.inversion import implied_noise, invert_along
 from diffpref.losses import per_sample_mse
 from diffpref.training.cache import layout as _layout
 from diffpref.training.cache.builder import _barrier, _save, _write_json, process_group
-from diffpref.training.cache.layout import STORE_DTYPE, _config_digest, _weights_digest, chunk_file
+from diffpref.training.cache.layout import (
+    STORE_DTYPE,
+    _config_digest,
+    _weights_digest,
+    chunk_file,
+)
 from diffpref.training.cache.readers import _ChunkTable
 from diffpref.training.cache.sources import rank_chunks
 from diffpref.training.conditioning import pair_cond
@@ -168,13 +173,9 @@ def _invert_rows(parts, rows: list[int], points: torch.Tensor) -> dict[str, torc
         batch = to_device(collate(items, cache.empty_prompt_cond, drop), parts.accelerator.device, torch.float32)
         cond2 = pair_cond(batch)
         x0 = torch.cat([batch["latents_0"], batch["latents_1"]])
-        outputs = []
-
-        def reference(z, s):
-            outputs.append(parts.reference(z, s, cond2))  # raw model output (eps or v) at the state stepped from
-            return schedule.eps_from_output(outputs[-1], z, s)
-
-        trajectory = invert_along(reference, x0, points, schedule.alphas_cumprod, round_to=STORE_DTYPE)
+        outputs: list[torch.Tensor] = []  # raw model outputs (eps or v) at each state the walk steps from
+        trajectory = invert_along(_recording(parts.reference, schedule, cond2, outputs), x0, points,
+                                  schedule.alphas_cumprod, round_to=STORE_DTYPE)
         last = points[-1].expand(len(x0)).to(x0.device)
         outputs.append(parts.reference(trajectory[:, -1], last, cond2))  # the one extra call: at the top point
         errors = []
@@ -188,3 +189,11 @@ def _invert_rows(parts, rows: list[int], points: torch.Tensor) -> dict[str, torc
         out[f"latents_0{suffix}"], out[f"latents_1{suffix}"] = trajectory.chunk(2)
         out[f"ref_err_0{suffix}"], out[f"ref_err_1{suffix}"] = errors.chunk(2)
     return out
+
+
+def _recording(reference, schedule, cond2: dict, outputs: list):
+    """The reference as ``invert_along``'s denoiser (eps), appending each raw output to ``outputs``."""
+    def denoise(z, s):
+        outputs.append(reference(z, s, cond2))
+        return schedule.eps_from_output(outputs[-1], z, s)
+    return denoise
