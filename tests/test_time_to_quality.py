@@ -31,6 +31,7 @@ def test_speedups_against_the_baselines_own_final_point():
     assert out["dpo"]["reached"]["step"] == 20  # DPO's own first crossing, before its final step
     assert out["fast"]["speedup_vs_dpo"] == pytest.approx(20.0 / 8.0)
     assert out["fast"]["speedup_vs_dpo_total"] == pytest.approx(25.0 / 23.0)
+    assert out["fast"]["speedup_vs_dpo_full_run"] == pytest.approx(30.0 / 8.0)
     assert out["never"]["reached"] is None and out["never"]["speedup_vs_dpo"] is None
     assert ttq._mean([2.0, None]) is None and ttq._mean([2.0, 4.0]) == 3.0
 
