@@ -237,7 +237,7 @@ def generate_to_folder(pipe, jobs: Sequence[GenerationJob], out_dir: str | os.Pa
             if best_of > 1:
                 if "user_embedding" in kwargs:  # each prompt's candidates share its user's tokens
                     kwargs["user_embedding"] = kwargs["user_embedding"].repeat_interleave(best_of, dim=0)
-                images, records = best_of_n(lambda p, s: generate_images(pipe, p, s, steps, guidance, **kwargs),
+                images, records = best_of_n(lambda p, s, kw=kwargs: generate_images(pipe, p, s, steps, guidance, **kw),
                                             prompts, seeds, best_of, reward)
             else:
                 images, records = generate_images(pipe, prompts, seeds, steps, guidance, **kwargs), [None] * len(batch)

@@ -181,7 +181,8 @@ def test_policy_pairs_labelled_by_the_few_shot_reward(tmp_path):
     base.set_progress_bar_config(disable=True)
     offline = make_preference_data(tmp_path / "offline", users, model=base, pairs_per_user=6, seed=1, temperature=0.0,
                                    steps=3, batch_size=12, progress=False)
-    kw = dict(captions_per_user=4, contexts_per_user=2, shots=2, steps=3, batch_size=8, temperature=0.0, progress=False)
+    kw = {"captions_per_user": 4, "contexts_per_user": 2, "shots": 2, "steps": 3, "batch_size": 8, "temperature": 0.0,
+          "progress": False}
     oracle = make_policy_pairs(offline["parquet"], "embedded-ppd", tmp_path / "oracle", **kw)
     reward = make_policy_pairs(offline["parquet"], "embedded-ppd", tmp_path / "reward", labeller="reward", **kw)
     assert oracle["agreement_with_oracle"] == 1.0  # temperature 0: the oracle labeller is the oracle

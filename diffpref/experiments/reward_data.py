@@ -47,7 +47,7 @@ class PairPool:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PairPool":
+    def load(cls, path: str | os.PathLike) -> PairPool:
         with np.load(path) as z:
             return cls([str(c) for c in z["captions"]], z["seeds"], z["images"], z["embeddings"], z["features"])
 

@@ -36,8 +36,8 @@ from diffpref.world.users import WorldUser, load_users
 
 TRAIN_USERS = "configs/users/ppd_train_pool.json"
 UNSEEN_USERS = "configs/users/ppd_unseen.json"
-TRAIN_POOL = dict(n=1500, seed=11, name_prob=0.2, steps=15)   # like the PPD training data (make-data --name-prob 0.2)
-EVAL_POOL = dict(n=600, seed=21, name_prob=0.5, steps=20)     # like `world eval`'s held-out pairs (ppd_eval.draw_pairs)
+TRAIN_POOL = {"n": 1500, "seed": 11, "name_prob": 0.2, "steps": 15}   # like the PPD training data (make-data --name-prob 0.2)
+EVAL_POOL = {"n": 600, "seed": 21, "name_prob": 0.5, "steps": 20}     # like `world eval`'s held-out pairs (ppd_eval.draw_pairs)
 SHOTS = (1, 2, 4, 8)
 ALPHAS = (0.05, 0.1, 0.3)
 SCALES = (1.0, 3.0)
@@ -106,7 +106,7 @@ def evaluate(model: PrototypeRewardModel | None, pool: PairPool, users: list[Wor
             "users": len(users), "pool_pairs": len(pool)}
 
 
-def ppd_ranking_accuracy(pool: PairPool, users: list[WorldUser], shots=SHOTS, trials: int = 1, max_pairs: int = 48,
+def ppd_ranking_accuracy(pool: PairPool, users: list[WorldUser], shots=SHOTS, trials: int = 1, max_pairs: int = 32,
                          seed: int = 0, adapter: str = "embedded-ppd") -> dict[int, float]:
     """The PPD adapter's ranking accuracy (``ppd_eval.ranking_accuracy``: its DPO implicit reward) on the same
     context draws as ``few_shot_accuracies`` (first ``trials``), scored on up to ``max_pairs`` held-out pairs."""

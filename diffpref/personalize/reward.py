@@ -153,7 +153,7 @@ class PrototypeRewardModel(nn.Module):
             self._backbone = OpenClipBackbone.from_pretrained(tuple(spec) if isinstance(spec, list) else spec)
         return self._backbone
 
-    def person(self, examples: Sequence[UserExample], estimator: str = "posterior") -> "PersonReward":
+    def person(self, examples: Sequence[UserExample], estimator: str = "posterior") -> PersonReward:
         """The reward of the person who made these choices (none: the population's average taste)."""
         examples = list(examples)
         if examples:
@@ -173,7 +173,7 @@ class PrototypeRewardModel(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike = EMBEDDED_REWARD) -> "PrototypeRewardModel":
+    def from_pretrained(cls, path: str | os.PathLike = EMBEDDED_REWARD) -> PrototypeRewardModel:
         folder = resolve_reward_path(path)
         config = json.loads((folder / CONFIG_NAME).read_text())
         keys = ("embed_dim", "feature_dim", "hidden", "num_prototypes", "prior_alpha", "likelihood_scale", "backbone")
@@ -189,7 +189,7 @@ _LOADED: dict[str, PrototypeRewardModel] = {}
 
 
 def person_reward(examples: Sequence[UserExample], model: str | os.PathLike | PrototypeRewardModel = EMBEDDED_REWARD,
-                  estimator: str = "posterior") -> "PersonReward":
+                  estimator: str = "posterior") -> PersonReward:
     """The reward of the person who made ``examples`` (their stored choices), for ``pipe(..., best_of=N, reward=)``.
 
     A model given by name is loaded once per process. Ties and skips are not choices: leave them out.
