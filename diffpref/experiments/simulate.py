@@ -239,6 +239,7 @@ def simulate_person_loras(users: Sequence[WorldUser], ratings: int = 30, num_pro
     prompts, seeds = eval_prompts(num_prompts, seed + 1)
     base = feature_matrix(detect_batch(generate_world_images(shipped, prompts, seeds, steps, None, 64, False, "base")))
     result: dict[str, dict[str, float]] = {"ppd": {}, "lora": {}}
+    untrained: list[str] = []  # raters with fewer than 2 decided ratings: no LoRA, the base model (win rate 0.5)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         config = AppConfig(db=str(Path(tmp) / "ratings.db"), queue_size=1, steps=steps, adapter=adapter, seed=seed)
         service = RatingService(config, pipe=shipped, start_worker=False)
@@ -264,9 +265,15 @@ def simulate_person_loras(users: Sequence[WorldUser], ratings: int = 30, num_pro
                     src.backup(dst)
                 with sqlite3.connect(own / "ratings.db") as conn:
                     conn.execute("DELETE FROM ratings WHERE user_id != ?", (user.user_id,))
+                    decided = conn.execute("SELECT COUNT(*) FROM ratings WHERE label IN (0.0, 1.0)").fetchone()[0]
                 conn.close()
+                if decided < 2:  # nothing to train on: the person keeps the base model
+                    untrained.append(user.user_id)
+                    result["lora"][user.user_id] = 0.5
+                    continue
                 keys = {**PERSON_LORA_KEYS, "model": "embedded", "data_path": str(own / "ratings.db"),
-                        "output_dir": str(own / "lora"), "cache_dir": str(own / "cache")}
+                        "output_dir": str(own / "lora"), "cache_dir": str(own / "cache"),
+                        "train_batch_size": min(PERSON_LORA_KEYS["train_batch_size"], decided)}
                 train(load_config(TrainConfig, None, [f"{k}={v}" for k, v in keys.items()]))
                 lora = load_adapter(load_pipeline("embedded"), own / "lora")
                 lora.set_progress_bar_config(disable=True)
@@ -279,7 +286,7 @@ def simulate_person_loras(users: Sequence[WorldUser], ratings: int = 30, num_pro
     ppd, lora = (np.array([result[k][u] for u in ids]) for k in ("ppd", "lora"))
     return {"ratings": ratings, "users": ids, "prompts": num_prompts, "steps": steps, "lora_keys": PERSON_LORA_KEYS,
             "ppd_tokens": bootstrap_mean(ppd), "person_lora": bootstrap_mean(lora),
-            "lora_minus_ppd": bootstrap_mean(lora - ppd), "per_user": result}
+            "lora_minus_ppd": bootstrap_mean(lora - ppd), "untrained": untrained, "per_user": result}
 
 
 def main(argv: list[str] | None = None) -> int:
