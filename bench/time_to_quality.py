@@ -183,7 +183,8 @@ def run_user(user: str, methods: list[tuple[str, Path, list[str]]], args) -> dic
     data = ensure_data(user, Path(args.data_root), args.pairs_per_user, args.data_steps)
     out = Path(args.out) / user
     cache_dir = out / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)  # fresh: the one-time costs are measured, not reused
+    if not args.resume:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # fresh: the one-time costs are measured, not reused
     common = [f"data_path={data}", f"cache_dir={cache_dir}", "threads=1", "report_to=none", "checkpointing_steps=0",
               "eval_world=false", f"eval_every={args.eval_every}", f"eval_prompts={args.eval_prompts}",
               f"eval_sampling_steps={args.eval_sampling_steps}"]
@@ -191,9 +192,15 @@ def run_user(user: str, methods: list[tuple[str, Path, list[str]]], args) -> dic
     for name, config, overrides in methods:
         extra = ([f"max_train_steps={args.max_steps}"] if args.max_steps else []) + list(args.set or [])
         cfg = load_config(TrainConfig, config, [*overrides, *common, *extra, f"output_dir={out / name}"])
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)
         if latent_s is None:
             latent_s = build_latent_cache(cfg)
+            metas = sorted(cache_dir.glob("*/meta.json"))
+            if args.resume and metas:  # reused: its build time is in its meta
+                latent_s = max(json.loads(m.read_text())["build"]["seconds_per_rank"] for m in metas)[0]
+        if args.resume and (Path(cfg.output_dir) / "summary.json").exists():
+            runs[name] = collect_user(user, [(name, config, overrides)], args)["runs"][name]
+            continue
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
         if evaluator is None:
             inner = TrainingEvaluator(cfg, str(data.parent / "users.json"))
             evaluator = ScheduledEvaluator(inner, set(args.eval_steps))
@@ -243,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs-per-user", type=int, default=1000, help="pairs made for a user whose data is missing")
     parser.add_argument("--data-steps", type=int, default=15, help="make-data sampling steps for missing data")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "time_to_quality"))
+    parser.add_argument("--resume", action="store_true", help="keep the caches and the finished runs in --out and "
+                        "train only the methods that have none")
     parser.add_argument("--from-outputs", action="store_true", help="train nothing: read the finished runs in --out "
                         "(e.g. of an interrupted benchmark) and report them")
     parser.add_argument("--combine", nargs="+", metavar="JSON", help="merge the --json outputs of runs on different "
