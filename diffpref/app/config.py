@@ -46,7 +46,7 @@ class AppConfig:
                                          "a pair must be made faster than a person rates")
     guidance_scale: float | None = field(default=None, metadata={"help": "classifier-free guidance (default: model's)"})
     queue_size: int = field(default=2, metadata={"help": "unrated pairs kept ready per person"})
-    pool_groups: int = field(default=16, metadata={"help": "warm pool: prompts of base-model candidates kept ready for "
+    pool_groups: int = field(default=24, metadata={"help": "warm pool: prompts of base-model candidates kept ready for "
                                                            "anyone (each gives every person two pairs)"})
     pool_batch: int = field(default=4, metadata={"help": "prompts the pool grows by in one batched pipeline call"})
     candidates: int = _flag(4, "active mode: candidate images per prompt (the pair is chosen among them)")

@@ -47,7 +47,7 @@ MAX_SEED = 2**31 - 1
 MAX_USER_SCALE = 2.0
 IDLE_POLL_S = 0.25  # how often the idle worker looks for work when nobody asks for pairs
 ACTIVE_S = 120.0  # a person seen this recently gets idle work (pool growth, profile, personal pairs)
-LOW_WATER_PAIRS = 4  # the pool grows while an active person has fewer pairs' worth of candidates left
+LOW_WATER_PAIRS = 8  # the pool grows while an active person has fewer pairs' worth of candidates left
 # Prompts for real models' pairs when none are given (world models sample world captions).
 GENERIC_PROMPTS = (
     "a cat sitting on a windowsill", "a mountain lake at sunrise", "a bowl of fruit on a table",
