@@ -111,3 +111,32 @@ def test_a_warm_pool_gives_a_new_person_a_pair_without_generating(tmp_path):
         assert not calls
     finally:
         service.close()
+
+
+def test_a_personal_pair_in_the_making_does_not_hold_up_the_persons_ratings(tmp_path):
+    import threading
+
+    service = _service(tmp_path, pool_groups=8, pool_batch=8)
+    release, started = threading.Event(), threading.Event()
+
+    def slow_personal_images(user_id, prompt, rng):  # stands in for a generation with the person's model
+        started.set()
+        release.wait(10)
+        return [(None, None, np.zeros((64, 64, 3), np.uint8), None, "model+ppd", 1, prompt)]
+
+    service._personal_candidates = slow_personal_images
+    try:
+        service._grow_pool()
+        service.login("ann")
+        worker = threading.Thread(target=service._make_personal_pair, args=("ann",))
+        worker.start()
+        assert started.wait(10)
+        t0 = time.perf_counter()
+        assert service.top_up("ann") == service.config.queue_size  # not blocked by the generation
+        assert time.perf_counter() - t0 < 5 and worker.is_alive()
+        release.set()
+        worker.join(10)
+        assert len(service.store.pending_pairs("ann")) == service.config.queue_size + 1
+    finally:
+        release.set()
+        service.close()

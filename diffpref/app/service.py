@@ -259,8 +259,7 @@ class RatingService:
         # 6. A pair with images of the person's own model (base vs. personalized), behind the queue.
         for user_id in people:
             if self._personal_pair_due(user_id):
-                with self._user_lock(user_id):
-                    self._make_pair(user_id, personal=True)
+                self._make_personal_pair(user_id)
                 return True
         return False
 
@@ -347,21 +346,38 @@ class RatingService:
             done = self._personal_made.get(user_id) == key
         return (not done and bool(key) and len(self.store.pending_pairs(user_id)) <= self.config.queue_size)
 
-    def _make_pair(self, user_id: str, personal: bool = False) -> str:
-        """Choose the most informative pair among pooled candidates (and, if ``personal``, images of the
-        person's own model of one pooled prompt) and store it at the back of the person's queue."""
+    def _make_personal_pair(self, user_id: str) -> None:
+        """Generate images of one pooled prompt with the person's model, then (only then) take their lock:
+        their ratings keep getting pooled pairs while the generation runs."""
         with self._state_lock:
             rng = np.random.default_rng(self._rng.integers(2**63))
-        wanted = 1 if personal else self._groups_per_pair
-        chosen = self.pool.candidates(user_id, wanted, rng)
-        if len(chosen) < wanted:  # the pool ran dry for this person: grow it now (they wait)
-            self._grow_pool()
+        chosen = self.pool.candidates(user_id, 1, rng)
+        if not chosen:
+            return
+        group = chosen[0][0]
+        extra = self._personal_candidates(user_id, group.prompt, rng)
+        if extra:
+            with self._user_lock(user_id):
+                self._make_pair(user_id, personal=(group, extra))
+
+    def _make_pair(self, user_id: str, personal: tuple | None = None) -> str:
+        """Choose the most informative pair among pooled candidates (or, with ``personal`` = (group, images of
+        the person's own model of that group's prompt), among those) and store it at the back of their queue."""
+        with self._state_lock:
+            rng = np.random.default_rng(self._rng.integers(2**63))
+        if personal is not None:
+            chosen = [(personal[0], personal[0].unused(user_id))]
+        else:
+            wanted = self._groups_per_pair
             chosen = self.pool.candidates(user_id, wanted, rng)
+            if len(chosen) < wanted:  # the pool ran dry for this person: grow it now (they wait)
+                self._grow_pool()
+                chosen = self.pool.candidates(user_id, wanted, rng)
         # Candidates: (group or None, index in group, image, feature, model, seed, prompt)
         sets = [[(g, k, g.images[k], None if g.features is None else g.features[k], self.model_name, g.seeds[k], g.prompt)
                  for k in idx] for g, idx in chosen]
-        if personal:
-            sets[0] += self._personal_candidates(user_id, chosen[0][0].prompt, rng)
+        if personal is not None:
+            sets[0] += personal[1]
         flat = [c for s in sets for c in s]
         starts = np.cumsum([0] + [len(s) for s in sets])
         within = [(int(starts[s]) + i, int(starts[s]) + j) for s in range(len(sets)) for i, j in all_pairs(len(sets[s]))]
