@@ -202,7 +202,7 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
         unet.enable_xformers_memory_efficient_attention()
     set_seed(cfg.seed)  # random inits (LoRA, a conditioner's head) must not depend on what ran before in this process
     reference_unet, groups = None, None
-    if cfg.lora_rank == 0 and conditioner is None:  # full fine-tuning: the reference is a frozen copy
+    if cfg.is_full_finetune:  # full fine-tuning: the reference is a frozen copy
         unet.requires_grad_(True)
         if objective.uses_reference:
             reference_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(weight_dtype)
@@ -211,7 +211,8 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
         if cfg.lora_rank > 0:
             add_lora(unet, cfg)
         if conditioner is not None:
-            groups = conditioner.setup(cfg, unet, cache, accelerator, tokenizer)
+            with whole_models_on_load(accelerator):  # a VLM backbone (transformers) loads whole
+                groups = conditioner.setup(cfg, unet, cache, accelerator, tokenizer)
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
@@ -223,15 +224,21 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
     optimizer = make_optimizer(cfg, groups)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     own_modules = list(conditioner.modules) if conditioner is not None else []
-    *models, optimizer = accelerator.prepare(unet, *own_modules, optimizer)
-    if conditioner is not None:
-        conditioner.bind(models[1:])
-    raw_unet = accelerator.unwrap_model(models[0])
-    if reference_unet is not None and sharded(accelerator):
+    if uses_deepspeed(accelerator):
+        models, optimizer = _prepare_deepspeed(cfg, accelerator, unet, own_modules, optimizer, conditioner, weight_dtype)
+        raw_unet = accelerator.unwrap_model(models[0]).unet
+    else:
+        *models, optimizer = accelerator.prepare(unet, *own_modules, optimizer)
+        if conditioner is not None:
+            conditioner.bind(models[1:])
+        raw_unet = accelerator.unwrap_model(models[0])
+    if reference_unet is not None and accelerator.distributed_type == _distributed_type("FSDP"):
         # FSDP shards the frozen copy too (each rank holds 1/N of it); one process keeps it as it is.
+        # DeepSpeed builds one engine per Accelerator, so there the copy stays whole, unprepared, on each GPU
+        # in the training dtype (docs/distributed.md gives the memory cost).
         reference_unet = accelerator.prepare(reference_unet)
     policy, reference = _denoisers(cfg, accelerator, models[0], raw_unet, reference_unet, conditioner,
-                                   objective.uses_reference, cache.resolution)
+                                   objective.uses_reference, cache.resolution, weight_dtype)
     return StepParts(cfg=cfg, accelerator=accelerator, cache=cache, schedule=schedule, objective=objective,
                      models=models, raw_unet=raw_unet, params=[p for g in groups for p in g["params"]],
                      optimizer=optimizer, lr_scheduler=lr_scheduler, policy=policy, reference=reference,
@@ -240,12 +247,108 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
                      inversion_points=inversion_points(cfg, len(schedule.alphas_cumprod)) if objective.inverts else None)
 
 
-def _denoisers(cfg, accelerator, unet, raw_unet, reference_unet, conditioner, uses_reference: bool, resolution: int):
+def _distributed_type(name: str):
+    from accelerate.utils import DistributedType
+
+    return DistributedType[name]
+
+
+def uses_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == _distributed_type("DEEPSPEED")
+
+
+def mixed_precision_autocast(accelerator, weight_dtype: torch.dtype):
+    """Per-op casting of fp32 inputs for models held in ``weight_dtype``. accelerate's own ``autocast`` does
+    it, except under DeepSpeed, where it does nothing: the engine holds its model in bf16/fp16 and casts no
+    inputs (bf16), so a fp32 latent would meet bf16 weights. There torch's autocast does the casting."""
+    if uses_deepspeed(accelerator) and weight_dtype != torch.float32:
+        return torch.autocast(accelerator.device.type, dtype=weight_dtype)
+    return accelerator.autocast()
+
+
+@contextlib.contextmanager
+def whole_models_on_load(accelerator):
+    """Models loaded inside hold their whole weights. Under ZeRO-3, accelerate 1.15 registers its DeepSpeed
+    config with transformers whatever ``zero3_init_flag`` says, and transformers then builds every model it
+    loads partitioned (``deepspeed.zero.Init``): the frozen text encoder that encodes the cache would hold
+    empty weights (measured: "Sequence length must be less than max_position_embeddings (got 16 and 0)")."""
+    if not uses_deepspeed(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+class PreparedParts(torch.nn.Module):
+    """The one model DeepSpeed trains: accelerate builds one engine (and one optimizer) per Accelerator, so
+    the UNet and a conditioner's modules (PPD: the user encoder) become children of this module. Every call
+    goes through the engine's forward, ``part`` naming the child (-1: the UNet), so that ZeRO-3 gathers
+    and releases the weights as for any model; export and evaluation read the children themselves."""
+
+    def __init__(self, unet: torch.nn.Module, modules: list[torch.nn.Module], weight_dtype: torch.dtype):
+        super().__init__()
+        self.unet = unet
+        self.own = torch.nn.ModuleList(modules)
+        self.weight_dtype = weight_dtype
+
+    def forward(self, *args, part: int = -1, **kwargs):
+        module = self.unet if part < 0 else self.own[part]
+        if self.weight_dtype == torch.float32:
+            return module(*args, **kwargs)
+        device = next(iter(module.parameters())).device
+        with torch.autocast(device.type, dtype=self.weight_dtype):  # the conditioner's fp32 inputs (see above)
+            return module(*args, **kwargs)
+
+
+class PartCall:
+    """What a conditioner binds to under DeepSpeed: calling it runs its module through the engine;
+    ``module`` is the module itself (for its own methods and export)."""
+
+    def __init__(self, engine, part: int, module: torch.nn.Module):
+        self.engine, self.part, self.module = engine, part, module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, part=self.part, **kwargs)
+
+
+def deepspeed_settings(cfg, deepspeed_config: dict) -> dict:
+    """The DeepSpeed config entries that follow the diffpref config, filled where the accelerate config left
+    them "auto" (or absent): the trainer passes accelerate no DataLoader, from which it would take the micro
+    batch, and accelerate would clip gradients at 1.0 whatever ``max_grad_norm`` says."""
+    wanted = {"train_micro_batch_size_per_gpu": cfg.train_batch_size,
+              "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+              "gradient_clipping": float(cfg.max_grad_norm)}  # DeepSpeed: 0 = no clipping, as in diffpref
+    for key, value in wanted.items():
+        given = deepspeed_config.get(key, "auto")
+        if given == "auto":
+            deepspeed_config[key] = value
+        elif given != value:
+            raise ValueError(f"the DeepSpeed config sets {key}={given!r} but the diffpref config gives {value!r}: "
+                             f"set it to \"auto\" in the accelerate/DeepSpeed config (the trainer fills it in)")
+    return deepspeed_config
+
+
+def _prepare_deepspeed(cfg, accelerator, unet, own_modules, optimizer, conditioner, weight_dtype):
+    """([engine], optimizer): the UNet and ``own_modules`` prepared as one model (see ``PreparedParts``)."""
+    deepspeed_settings(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
+    engine, optimizer = accelerator.prepare(PreparedParts(unet, own_modules, weight_dtype), optimizer)
+    if conditioner is not None:
+        conditioner.bind([PartCall(engine, i, module) for i, module in enumerate(own_modules)])
+    return [engine], optimizer
+
+
+def _denoisers(cfg, accelerator, unet, raw_unet, reference_unet, conditioner, uses_reference: bool, resolution: int,
+               weight_dtype: torch.dtype = torch.float32):
     """(policy, reference): ``(x_t, t, cond) -> output`` of the trained model and of the base model."""
     def denoiser(model):
         def run(x, t, cond):
             extra = added_cond_kwargs(raw_unet, cond, resolution, x.shape[0])
-            with accelerator.autocast():  # mixed precision: fp32 inputs are cast per op
+            with mixed_precision_autocast(accelerator, weight_dtype):  # fp32 inputs are cast per op
                 return model(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=extra).sample.float()
         return run
 

@@ -39,6 +39,8 @@ from diffpref.training.step import (  # noqa: F401  (NonFiniteLossError, adapter
     prepare_training,
     sharded,
     training_step,
+    uses_deepspeed,
+    whole_models_on_load,
 )
 
 
@@ -94,8 +96,10 @@ def _register_trainable_state_hooks(accelerator):
 
     Not under FSDP or ZeRO-3: there each process holds a shard, and accelerate's own ``save_state`` /
     ``load_state`` write and read the sharded (or gathered, per the plugin's state_dict_type) model and
-    optimizer states; these hooks, which read whole parameters, would save shards under wrong shapes."""
-    if sharded(accelerator):
+    optimizer states; these hooks, which read whole parameters, would save shards under wrong shapes.
+    Nor under DeepSpeed (any stage): its engine's checkpoint holds model and optimizer, and accelerate gives
+    the load hook no model, so the hook could not restore the trainable weights."""
+    if sharded(accelerator) or uses_deepspeed(accelerator):
         return
     from safetensors.torch import load_file, save_file
 
@@ -188,7 +192,8 @@ def _load(cfg: TrainConfig, accelerator, conditioner) -> tuple[StepParts, type]:
     make the weights trainable; returns (step parts, the pipeline class)."""
     from diffpref.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg.model, device=str(accelerator.device), dtype=torch.float32)
+    with whole_models_on_load(accelerator):  # ZeRO-3: the frozen encoders load whole, not partitioned
+        pipe = load_pipeline(cfg.model, device=str(accelerator.device), dtype=torch.float32)
     cache = build_cache(cfg, pipe, accelerator)
     schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.clone(), pipe.scheduler.config.get("prediction_type", "epsilon"))
     unet, pipeline_class, tokenizer = pipe.unet, type(pipe), pipe.tokenizer
