@@ -202,7 +202,7 @@ def prepare_training(cfg, accelerator, unet, cache, schedule: NoiseSchedule, con
         unet.enable_xformers_memory_efficient_attention()
     set_seed(cfg.seed)  # random inits (LoRA, a conditioner's head) must not depend on what ran before in this process
     reference_unet, groups = None, None
-    if cfg.is_full_finetune:  # full fine-tuning: the reference is a frozen copy
+    if cfg.lora_rank == 0 and conditioner is None:  # full fine-tuning: the reference is a frozen copy
         unet.requires_grad_(True)
         if objective.uses_reference:
             reference_unet = copy.deepcopy(unet).requires_grad_(False).eval().to(weight_dtype)
