@@ -16,10 +16,15 @@
 #                   SD1.5 architecture, DPO LoRA (checkpoint + a resumed run compared with the uninterrupted one),
 #                   DPO full fine-tuning, PPD (both trainable parts); the exported weights loaded back
 #                   (bench/sharded_train.py). --dry-run: skipped (FSDP needs CUDA), the launch and configs checked
-#   zero3           DeepSpeed ZeRO-3: skipped with the reason (the trainer's prepare calls, docs/distributed.md)
+#   zero3           the same four runs under `accelerate launch --config_file configs/accelerate/zero3.yaml` (DeepSpeed
+#                   ZeRO-3, 1 process; bench/sharded_train.py --engine zero3). Needs deepspeed: its pure-python wheel
+#                   (DS_BUILD_OPS=0 pip wheel, docs/distributed.md) and hjson, pydantic, pydantic-core, annotated-types,
+#                   typing-inspection wheels in .whl/ (the image has the other needs); without them the step says
+#                   so and is skipped. --dry-run: skipped (DeepSpeed needs CUDA), the launch and configs checked
 #   cache_build     preference-cache build rate (bench/cache_build.py, when present)
 # Time (estimated, not yet run on a GPU): the steps' limits below add up to more than the budget; the budget
-# guard refuses or cuts whatever would end past it, so the last step (cache_build) is the one that gives way.
+# guard refuses or cuts whatever would end past it, so the last steps (zero3, cache_build) are the ones that give
+# way (GPU_SH_BUDGET_S=900 gives every step its limit).
 #
 # Offline and self-contained: the machine needs python3 + torch (CUDA); everything else (diffusers,
 # transformers, accelerate, peft, open_clip, xformers, ...) comes from wheels in .whl/ that travel with the
@@ -55,7 +60,8 @@ if [ $DRY_RUN = 1 ]; then
     SDXL=(--config embedded --batch-pairs 1)
     ATTENTION="sdpa"
     LIMIT_MFU=120 LIMIT_DPO=180 LIMIT_PPD=180 LIMIT_SDXL=180 LIMIT_CACHE=120 LIMIT_FSDP=120 LIMIT_ZERO3=60
-    FSDP=(--validate-only)  # FSDP needs CUDA: the launch and the runs' configs are checked, nothing trains
+    FSDP=(--validate-only)  # FSDP and DeepSpeed need CUDA: the launch and the runs' configs are checked, nothing trains
+    ZERO3=(--validate-only)
 else
     DEV=()
     SD15=(--config sd15 --batch-pairs 8)
@@ -63,8 +69,9 @@ else
     ATTENTION="sdpa"  # and xformers where its kernels really run (an import can succeed with no kernels)
     python3 -c "from diffpref.models.loading import xformers_available as ok; raise SystemExit(not ok())" 2> /dev/null \
         && ATTENTION="sdpa xformers"
-    LIMIT_MFU=50 LIMIT_DPO=100 LIMIT_PPD=100 LIMIT_SDXL=110 LIMIT_CACHE=45 LIMIT_FSDP=150 LIMIT_ZERO3=20
+    LIMIT_MFU=50 LIMIT_DPO=100 LIMIT_PPD=100 LIMIT_SDXL=110 LIMIT_CACHE=45 LIMIT_FSDP=150 LIMIT_ZERO3=150
     FSDP=(--timeout 120)
+    ZERO3=(--timeout 120)
 fi
 
 python3 - "$DRY_RUN" > "$WORK/env.jsonl" 2> "$WORK/env.err" <<'EOF'
@@ -112,7 +119,7 @@ step sd15_dpo_lora $LIMIT_DPO "${TS[@]}" "${SD15[@]}" --method dpo --lora-rank 8
 step ppd $LIMIT_PPD "${TS[@]}" "${SD15[@]}" --method ppd --attention $ATTENTION
 step sdxl_dpo_lora $LIMIT_SDXL "${TS[@]}" "${SDXL[@]}" --method dpo --lora-rank 8
 step fsdp $LIMIT_FSDP python3 bench/sharded_train.py --json "${FSDP[@]}"
-step zero3 $LIMIT_ZERO3 python3 bench/sharded_train.py --json --engine zero3
+step zero3 $LIMIT_ZERO3 python3 bench/sharded_train.py --json --engine zero3 "${ZERO3[@]}"
 if [ -f bench/cache_build.py ]; then
     CB=(python3 bench/cache_build.py --json --processes 1)  # one GPU: one process
     if [ $DRY_RUN = 1 ]; then CB+=(--pairs 16); else CB+=(--pairs 1024); fi

@@ -26,7 +26,10 @@ the wrap policy, sharded state dicts) and the layer classes it wraps are checked
 UNet; the four runs then go through one plain process each on the embedded model, with the same checks.
 ``--validate-only`` (what ``bench/gpu.sh --dry-run`` runs): the launch and the four runs' configs
 (recipe + overrides, through ``load_config``) are checked, nothing trains; the JSON says the step is
-skipped and why. ``--engine zero3``: DeepSpeed ZeRO-3 is not run; the JSON says why (``ZERO3_SKIPPED``).
+skipped and why. ``--engine zero3``: the same four runs launched with ``configs/accelerate/zero3.yaml`` (DeepSpeed
+ZeRO-3, one process; needs deepspeed, which gpu.sh installs from .whl/ where its wheels travel:
+docs/distributed.md); with ``--validate-only`` the DeepSpeed launch and the configs are checked and the step is
+skipped (accelerate 1.15 runs DeepSpeed on GPUs only). ``--dry-run`` ignores the engine.
 One JSON object on stdout.
 """
 
@@ -49,6 +52,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+ZERO3_CONFIG = ROOT / "configs" / "accelerate" / "zero3.yaml"
+ENGINES = {"fsdp": (FSDP_CONFIG, "FSDP"), "zero3": (ZERO3_CONFIG, "DEEPSPEED")}  # config, distributed_type it gives
+ENGINE = "fsdp"  # set by main from --engine
 TRAIN = ROOT / "train" / "train.py"
 PAIRS = 8  # 4 users x 2 pairs: PPD has a context pair for every pair
 STEPS, RESUME_AT = 6, 4
@@ -63,14 +69,12 @@ RUNS = (
 )
 FSDP_SKIPPED = ("needs CUDA: FSDP does not run on CPU with torch 2.14.1 / accelerate 1.15 (docs/distributed.md); "
                 "the launch and the runs' configs were checked")
-ZERO3_SKIPPED = (
-    "not runnable with this trainer: deepspeed installs offline (DS_BUILD_OPS=0 builds a pure-python wheel; it also "
-    "needs hjson and pydantic + pydantic-core + annotated-types + typing-inspection wheels, which the GPU image lacks), "
-    "but accelerate 1.15's DeepSpeed prepare refuses the trainer's calls: (1) prepare_training passes no DataLoader, so "
-    "train_micro_batch_size_per_gpu stays 'auto' and prepare raises ValueError; (2) PPD prepares the UNet and its user "
-    "encoder in one call, which raises 'You can't use same Accelerator() instance with multiple models when using "
-    "DeepSpeed'; (3) full fine-tuning prepares its frozen reference copy in a second call, a second engine from the same "
-    "plugin (unverified). docs/distributed.md says what to change")
+ZERO3_SKIPPED = ("needs CUDA: accelerate 1.15 runs DeepSpeed on GPUs only (with cpu=True it never selects it; "
+                 "without, processes on a CPU stay unjoined); the DeepSpeed launch and the runs' configs were checked. "
+                 "On CPUs the trainer ran ZeRO-2/3 with 1 and 2 processes only through a patched accelerate "
+                 "(docs/distributed.md)")
+NO_DEEPSPEED = ("deepspeed is not installed: put its pure-python wheel and hjson, pydantic, pydantic-core, "
+                "annotated-types, typing-inspection wheels in .whl/ (docs/distributed.md)")
 
 
 STARTED: list[subprocess.Popen] = []  # ended with this process (gpu.sh's time limit stops it with SIGTERM)
@@ -94,11 +98,11 @@ def stop_started(*_) -> None:
 
 
 def launch_prefix(dry_run: bool, port: int = 29500) -> list[str]:
-    """How each run is started: the FSDP launch (GPU; runs side by side need their own rendezvous port),
+    """How each run is started: the engine's launch (GPU; runs side by side need their own rendezvous port),
     or one plain process (dry run)."""
     if dry_run:
         return [sys.executable, str(TRAIN)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ENGINES[ENGINE][0]),
             "--num_processes", "1", "--main_process_port", str(port), str(TRAIN)]
 
 
@@ -127,6 +131,35 @@ def resolve_fsdp_launch() -> dict:
         problems.append("checkpoints are not sharded (docs/distributed.md assumes SHARDED_STATE_DICT)")
     return {"command": " ".join(["accelerate launch", *command]), "env": env, "wraps": wrapped,
             "problems": problems}
+
+
+def resolve_zero3_launch() -> dict:
+    """What accelerate's launcher makes of zero3.yaml (deepspeed need not be installed): the environment the
+    training process gets."""
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    command = launch_prefix(False)[3:] + ["--config", "configs/sd15_dpo.yaml"]
+    args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(command))
+    # as accelerate's launch_command does before its deepspeed_launcher
+    args.deepspeed_fields_from_accelerate_config = ",".join(
+        [*defaults.deepspeed_config] + (["mixed_precision"] if mp_from_config else []))
+    _, env = prepare_deepspeed_cmd_env(args)
+    env = {k: v for k, v in env.items() if k.startswith(("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_",
+                                                         "ACCELERATE_GRADIENT_", "ACCELERATE_MIXED"))}
+    problems = []
+    if env.get("ACCELERATE_USE_DEEPSPEED") != "true" or env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") != "3":
+        problems.append("the launcher does not turn DeepSpeed ZeRO-3 on")
+    if not env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1").isdigit():  # accelerate int()s it in Accelerator()
+        problems.append("gradient_accumulation_steps in zero3.yaml is not an integer: Accelerator() fails on it")
+    return {"command": " ".join(["accelerate launch", *command]), "env": env, "problems": problems}
+
+
+def resolve_launch() -> dict:
+    return resolve_fsdp_launch() if ENGINE == "fsdp" else resolve_zero3_launch()
 
 
 def prepare(workdir: Path, dry_run: bool) -> tuple[str, Path, int]:
@@ -241,10 +274,12 @@ def run(args) -> dict:
 
     from diffpref.training.checkpoint import checkpoints_root
 
-    report: dict = {"dry_run": args.dry_run, "engine": "none (one plain process)" if args.dry_run else "FSDP",
-                    "fsdp_launch": resolve_fsdp_launch()}
-    if report["fsdp_launch"]["problems"]:
-        report["failed"] = "; ".join(report["fsdp_launch"]["problems"])
+    launch_key = f"{ENGINE}_launch"
+    report: dict = {"dry_run": args.dry_run,
+                    "engine": "none (one plain process)" if args.dry_run else ENGINES[ENGINE][1],
+                    launch_key: resolve_launch()}
+    if report[launch_key]["problems"]:
+        report["failed"] = "; ".join(report[launch_key]["problems"])
         return report
     with tempfile.TemporaryDirectory(prefix="sharded_train_") as tmp:
         workdir = Path(tmp)
@@ -314,7 +349,7 @@ def run(args) -> dict:
                 "user_values_max_abs": max((v.abs().max().item() for k, v in projections.items() if "to_v" in k),
                                            default=None),
                 "finite": all(torch.isfinite(v).all().item() for v in projections.values())})
-        report["problems"] = problems(report, "NO" if args.dry_run else "FSDP")
+        report["problems"] = problems(report, "NO" if args.dry_run else ENGINES[ENGINE][1])
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -354,26 +389,26 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, stop_started)
-    if args.engine == "zero3":
-        try:
-            import deepspeed
-            version = deepspeed.__version__
-        except ImportError:
-            version = None
-        print(json.dumps({"skipped": ZERO3_SKIPPED, "deepspeed": version}), flush=True)
-        return 0
+    global ENGINE
+    ENGINE = args.engine
     if args.validate_only:
-        launch = resolve_fsdp_launch()
-        report = {"skipped": FSDP_SKIPPED, "fsdp_launch": launch, "runs": validate_runs()}
+        launch = resolve_launch()
+        skipped = FSDP_SKIPPED if ENGINE == "fsdp" else ZERO3_SKIPPED
+        report = {"skipped": skipped, f"{ENGINE}_launch": launch, "runs": validate_runs()}
         if launch["problems"]:
             report = {"failed": "; ".join(launch["problems"]), **report}
         print(json.dumps(report) if args.json else report, flush=True)
         return 1 if launch["problems"] else 0
     if not args.dry_run:
+        import importlib.util
+
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("bench/sharded_train.py runs FSDP on a CUDA GPU; on a CPU use --dry-run")
+            raise SystemExit(f"bench/sharded_train.py runs {ENGINE} on a CUDA GPU; on a CPU use --dry-run")
+        if ENGINE == "zero3" and importlib.util.find_spec("deepspeed") is None:
+            print(json.dumps({"skipped": NO_DEEPSPEED}), flush=True)
+            return 0
     try:
         report = run(args)
     finally:

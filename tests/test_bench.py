@@ -257,13 +257,16 @@ def test_gpu_sh_dry_run_runs_every_step():
     assert result["ppd"]["method"] == "ppd" and result["ppd"]["pairs_per_s"] > 0
     # exactly the GPU-only steps are skipped, each saying why; the FSDP step checked what it would run
     assert {name for name in GPU_SH_STEPS if "skipped" in result[name]} == GPU_ONLY_STEPS
-    assert "needs CUDA" in result["fsdp"]["skipped"] and "train_micro_batch_size_per_gpu" in result["zero3"]["skipped"]
+    assert "needs CUDA" in result["fsdp"]["skipped"] and "needs CUDA" in result["zero3"]["skipped"]
     launch = result["fsdp"]["fsdp_launch"]
     assert launch["problems"] == [] and launch["env"]["ACCELERATE_USE_FSDP"] == "true"
     assert launch["env"]["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
-    assert set(result["fsdp"]["runs"]) == {"dpo_lora", "dpo_lora_resume", "dpo_full", "ppd"}
-    for command in result["fsdp"]["runs"].values():
-        assert command.startswith("accelerate launch --config_file ") and "configs/accelerate/fsdp.yaml" in command
+    launch = result["zero3"]["zero3_launch"]  # what accelerate's launcher makes of zero3.yaml
+    assert launch["problems"] == [] and launch["env"]["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    for engine in ("fsdp", "zero3"):
+        assert set(result[engine]["runs"]) == {"dpo_lora", "dpo_lora_resume", "dpo_full", "ppd"}
+        for command in result[engine]["runs"].values():
+            assert command.startswith("accelerate launch --config_file ") and f"configs/accelerate/{engine}.yaml" in command
 
 
 @pytest.mark.slow  # the full-size lane's code path at tiny shapes: five cases, each in its own process
