@@ -447,18 +447,23 @@ class ReferenceStyleStep(ReferenceOptimizer):
         if ref_encoder_hidden_states is None:
             ref_encoder_hidden_states = encoder_hidden_states
         if self.method == "inpo":
-            from diffpref.inversion import ddim_invert
+            from diffpref.inversion import ddim_invert, fixed_grid, grid_prefix
 
             # The public script inverts with the model being trained; diffpref's trainer inverts with the
             # frozen reference by default (TrainConfig.inversion_model). Both loops invert with the same
             # model so that they compute one objective (the objective check) at the same cost (one
             # no-grad UNet pass per inversion step either way).
             inverter = self.ref_unet if INVERSION_MODEL == "reference" else self.policy_unet
+            # Along the public code's fixed 10-point grid, as the trainer (whose t are grid points) does.
+            points = fixed_grid(INVERSION_STEPS, self.noise_scheduler.config.num_train_timesteps).to(timesteps.device)
+            index = torch.searchsorted(points, timesteps)
+            if not torch.equal(points[index.clamp(max=len(points) - 1)], timesteps):
+                raise ValueError(f"InPO timesteps must be points of the grid {points.tolist()}, got {timesteps.tolist()}")
             with torch.no_grad(), _autocast(self.device, self.dtype):
                 inv = ddim_invert(lambda x, s: inverter(x, s, encoder_hidden_states,
                                                             added_cond_kwargs=added_cond_kwargs).sample.float(),
                                   latents.float(), timesteps, self.noise_scheduler.alphas_cumprod,
-                                  num_steps=INVERSION_STEPS)
+                                  num_steps=INVERSION_STEPS, grid=grid_prefix(points, index))
             noisy_latents, target = inv.x_t, inv.eps_star
         else:
             noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -492,6 +497,11 @@ class ReferenceStyleStep(ReferenceOptimizer):
         noise = torch.randn_like(latents)
         noise = noise.chunk(2)[0].repeat(2, 1, 1, 1)  # winner and loser share the noise
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), device=self.device)
+        if self.method == "inpo":  # InPO trains at its inversion grid's points
+            from diffpref.inversion import fixed_grid
+
+            points = fixed_grid(INVERSION_STEPS, self.noise_scheduler.config.num_train_timesteps).to(self.device)
+            timesteps = points[torch.randint(0, len(points), (bsz,), device=self.device)]
         timesteps = timesteps.repeat(2).long()
         encoder_hidden_states, added = self.encode_prompt(self.input_ids[idx])
         encoder_hidden_states, ref_encoder_hidden_states = self.condition(encoder_hidden_states, idx)
@@ -649,6 +659,9 @@ def objective_check(ours: TrainerStep, reference: ReferenceStyleStep, n_pairs: i
         gen = torch.Generator().manual_seed(123)
         noise = torch.randn((n_pairs, *items[0]["latents_0"].shape), generator=gen).to(device)
         t = torch.randint(0, 1000, (n_pairs,), generator=gen).to(device)
+        if ours.parts.inversion_points is not None:  # InPO trains only at its grid's points (step.draw_micro_batch)
+            points = ours.parts.inversion_points
+            t = points[torch.randint(0, len(points), (n_pairs,), generator=gen)].to(device)
         beta = ours.cfg.beta
         cond = batch["cond"]
         embeds, ref_embeds, extra = cond["prompt_embeds"], None, {}
