@@ -140,3 +140,36 @@ def test_a_personal_pair_in_the_making_does_not_hold_up_the_persons_ratings(tmp_
     finally:
         release.set()
         service.close()
+
+
+def test_best_of_shows_the_taste_models_first_choice_and_records_every_seed(tmp_path, tiny_sd15_dir, adapter_dir):  # noqa: F811
+    """``--best-of N``: the shown image is the argmax of the recorded scores (w . CLIP embedding of the
+    person's taste posterior) and comes back from its recorded seed; N = 1 is plain generation."""
+    from diffpref.app.config import AppConfig
+    from diffpref.app.service import RatingService
+
+    cfg = AppConfig(model=str(tiny_sd15_dir), adapter=str(adapter_dir), db=str(tmp_path / "r.db"), steps=1,
+                    profile="world", pair_images="render", pair_mode="random", best_of=3)
+    service = RatingService(cfg, start_worker=False)
+    try:
+        service.login("ann")
+        for choice in ("left", "right"):
+            service.rate("ann", service.next_pair("ann")["pair_id"], choice)
+        out = service.generate("ann", "a red star", 5, 1.0)
+        record = out["best_of"]
+        assert record["seeds"] == [5, 6, 7] and len(record["scores"]) == 3
+        assert record["chosen"] == int(np.argmax(record["scores"])) and record["seed"] == record["seeds"][record["chosen"]]
+        tokens = service.user_tokens("ann")
+        again = service._generate(["a red star"], [record["seed"]], tokens, 1.0)[0]
+        # alone rather than in a batch of 3: allow 8-bit rounding
+        assert np.abs(again.astype(int) - np.asarray(out["personalized"]).astype(int)).max() <= 2
+        weights = service.posterior("ann").mean
+        scores = [float((service._embed([img]) @ weights)[0])
+                  for img in service._generate(["a red star"] * 3, record["seeds"], tokens, 1.0)]
+        assert np.allclose(scores, record["scores"], rtol=1e-3, atol=1e-4)
+        service.config.best_of = 1
+        plain = service.generate("ann", "a red star", 5, 1.0)
+        assert plain["best_of"] is None
+        assert np.array_equal(np.asarray(plain["personalized"]), service._generate(["a red star"], [5], tokens, 1.0)[0])
+    finally:
+        service.close()

@@ -57,6 +57,8 @@ class AppConfig:
     prior_std: float = field(default=DEFAULT_PRIOR_STD, metadata={"help": "prior std of the active-learning weights"})
     recent: int = field(default=12, metadata={"help": "recent generations shown per person"})
     seed: int = field(default=0, metadata={"help": "seed of prompt sampling and pair selection"})
+    best_of: int = _flag(1, "your model: make N candidates (seeds s .. s+N-1) and show the one the person's taste "
+                            "model ranks first; every candidate's seed and score are returned")
     learn: bool = _flag(False, "fine-tune the PPD adapter on the stored ratings in the background and serve each "
                                "new one that is at least as good on held-out ratings")
     learn_every: int = _flag(20, "--learn: new decided ratings (all people) between fine-tuning rounds")
@@ -72,7 +74,8 @@ class AppConfig:
                                    ("profile", self.profile, PROFILE_METHODS)):
             if value not in valid:
                 raise ValueError(f"{name}={value!r}; valid values are {', '.join(valid)}")
-        for name in ("queue_size", "max_examples", "profile_seeds", "recent", "pool_groups", "pool_batch", "learn_every"):
+        for name in ("queue_size", "max_examples", "profile_seeds", "recent", "pool_groups", "pool_batch", "learn_every",
+                     "best_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.candidates < 2:

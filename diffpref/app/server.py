@@ -263,7 +263,12 @@ class RatingApp:
         else:
             header = (f"Left: the base model. Right: your model at user scale **{out['user_scale']:g}**, from your "
                       f"{out['examples']} most recent choices · seed {out['seed']}")
-            personal = gr.update(value=out["personalized"], label=f"your model · scale {out['user_scale']:g}")
+            label = f"your model · scale {out['user_scale']:g}"
+            if out.get("best_of"):  # the taste model's first of N candidates: say which, so it can be regenerated
+                record = out["best_of"]
+                header += f" · best of {len(record['seeds'])} by your taste: seed {record['seed']}"
+                label += f" · best of {len(record['seeds'])} (seed {record['seed']})"
+            personal = gr.update(value=out["personalized"], label=label)
         return prompt, out["base"], personal, f"{header}\n\n{info}", self.service.recent(user), hidden()
 
     def ui_start(self, name: str, prompt: str, seed: Any, scale: float, request: gr.Request):
