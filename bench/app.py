@@ -55,19 +55,23 @@ def start_app(**config):
     return service, demo, url, time.perf_counter() - started
 
 
-def rating_latencies(url: str, ratings: int, think: float) -> list[float]:
-    from gradio_client import Client
-
-    client = Client(url, verbose=False)
-    pair = client.predict("bench", api_name="/next_pair")
+def rate_in_turn(client, user: str, pair: dict, ratings: int, think: float) -> list[float]:
+    """Seconds from each rating to the next pair on screen, for a person who looks ``think`` s at each pair."""
     out = []
     for i in range(ratings):
         time.sleep(think)
         t0 = time.perf_counter()
-        client.predict("bench", pair["pair_id"], ("left", "right")[i % 2], api_name="/rate")
-        pair = client.predict("bench", api_name="/next_pair")
+        client.predict(user, pair["pair_id"], ("left", "right")[i % 2], api_name="/rate")
+        pair = client.predict(user, api_name="/next_pair")
         out.append(time.perf_counter() - t0)
     return out
+
+
+def rating_latencies(url: str, ratings: int, think: float) -> list[float]:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    return rate_in_turn(client, "bench", client.predict("bench", api_name="/next_pair"), ratings, think)
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -91,13 +95,7 @@ def fast_rater(model: str, adapter: str, db: str, ratings: int, think: float, wa
         t0 = time.perf_counter()
         pair = client.predict("fast", api_name="/next_pair")
         first = time.perf_counter() - t0
-        waits = []
-        for i in range(ratings):
-            time.sleep(think)
-            t0 = time.perf_counter()
-            client.predict("fast", pair["pair_id"], ("left", "right")[i % 2], api_name="/rate")
-            pair = client.predict("fast", api_name="/next_pair")
-            waits.append(time.perf_counter() - t0)
+        waits = rate_in_turn(client, "fast", pair, ratings, think)
         t0 = time.perf_counter()
         profile = client.predict("fast", api_name="/profile")
         profile_s = time.perf_counter() - t0

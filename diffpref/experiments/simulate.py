@@ -156,7 +156,7 @@ def simulate_learning(users: Sequence[WorldUser], checkpoints: Sequence[int] = (
     from diffpref.personalize.encoder import embed_user
     from diffpref.personalize.pipeline import PersonalizedPipeline
 
-    checkpoints = sorted(set(int(c) for c in checkpoints))
+    checkpoints = sorted({int(c) for c in checkpoints})
     if not checkpoints or checkpoints[0] < 1:
         raise ValueError(f"checkpoints must be positive rating counts, got {checkpoints}")
     shipped = PersonalizedPipeline.from_base(load_pipeline("embedded"), adapter)
@@ -312,31 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.person_loras:
         result = simulate_person_loras(load_users(args.users), args.ratings, args.prompts, args.seed, args.adapter,
                                        args.steps)
-        text = json.dumps(result, indent=2)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-        print(text)
-        return 0
-    if args.learn:
+    elif args.learn:
         result = simulate_learning(load_users(args.users), [int(c) for c in args.checkpoints.split(",") if c],
                                    args.prompts, args.seed, args.adapter, args.steps, args.learn_config)
-        text = json.dumps(result, indent=2)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-        print(text)
-        return 0
-    result = simulate_raters(load_users(args.users), args.ratings, [m for m in args.modes.split(",") if m],
-                             args.prompts, args.seed, args.adapter, args.candidates, args.steps,
-                             args.candidate_prompts)
+    else:
+        result = simulate_raters(load_users(args.users), args.ratings, [m for m in args.modes.split(",") if m],
+                                 args.prompts, args.seed, args.adapter, args.candidates, args.steps,
+                                 args.candidate_prompts)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(text)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
