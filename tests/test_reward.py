@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from scipy import integrate
 
 from diffpref.personalize.backbones import UserExample
 from diffpref.personalize.reward import (
@@ -26,12 +25,18 @@ def test_posterior_mean_matches_quadrature_on_two_prototypes(alpha):
     diffs = np.array([[1.5, -0.5], [0.8, 0.3], [-0.2, 0.4]])
     scale = 2.0
 
-    def density(t):  # prior x likelihood, unnormalised
-        w = np.array([t, 1 - t])
-        return t ** (alpha - 1) * (1 - t) ** (alpha - 1) * np.prod(1 / (1 + np.exp(-scale * diffs @ w)))
+    def likelihood(t):  # Bradley-Terry likelihood of the choices at w = (t, 1 - t), vectorised over t
+        z = scale * (np.outer(t, diffs[:, 0]) + np.outer(1 - t, diffs[:, 1]))
+        return np.prod(1 / (1 + np.exp(-z)), axis=1)
 
-    mass = integrate.quad(density, 0, 1)[0]
-    expected = integrate.quad(lambda t: t * density(t), 0, 1)[0] / mass
+    def beta_integral(f):  # int_0^1 t^(a-1) (1-t)^(a-1) f(t) dt; t = u^(1/a) on each half removes the end singularity
+        u = np.linspace(0.0, 0.5 ** alpha, 400_001)
+        t = u ** (1 / alpha)
+        half = lambda g: np.trapezoid((1 - t) ** (alpha - 1) * g(t), u) / alpha  # noqa: E731
+        return half(f) + half(lambda s: f(1 - s))
+
+    mass = beta_integral(likelihood)
+    expected = beta_integral(lambda t: t * likelihood(t)) / mass
     estimate = mixture_posterior_mean(diffs, alpha, scale=scale, samples=400_000, seed=1)
     assert estimate.sum() == pytest.approx(1.0)
     assert estimate[0] == pytest.approx(expected, abs=3e-3)
