@@ -58,8 +58,12 @@ def test_generate_bench_reports_throughput_overhead_and_embedding_time():
 
 @pytest.mark.slow  # starts the embedded app twice
 def test_app_bench_reports_start_latency_and_a_lossless_load_run():
-    result = run_bench("app.py", "--ratings", "2", "--think", "0.5", "--clients", "3", "--per-client", "4")
+    result = run_bench("app.py", "--ratings", "2", "--think", "0.5", "--clients", "3", "--per-client", "4",
+                       "--fast-ratings", "3", "--fast-think", "0.2")
     assert result["start_s"] > 0 and result["rating_to_next_pair_ms"]["n"] == 2
+    fast = result["fast_rater"]  # the fast-rater run's keys (its targets are measured on a quiet machine, not here)
+    assert fast["rating_to_next_pair_ms"]["n"] == 3 and fast["first_pair_ms"] > 0 and fast["profile_ms"] > 0
+    assert fast["rating_to_next_pair_ms"]["p50"] <= fast["rating_to_next_pair_ms"]["p95"] <= fast["rating_to_next_pair_ms"]["max"]
     assert 0 < result["rating_to_next_pair_ms"]["median"] <= result["rating_to_next_pair_ms"]["max"]
     load = result["load"]
     assert (load["stored"], load["expected"], load["error_count"]) == (12, 12, 0)
